@@ -1,0 +1,318 @@
+"""Every knob of a run as OmegaConf-structured dataclasses, loaded from YAML with `key=value` overrides.
+
+One `RunConfig` holds the model, parallel, precision and optimizer sections. Presets (`model.preset`) fill the
+model section; the YAML and command-line overrides are merged on top, then `validate()` rejects impossible
+combinations at start with a message that names the fields involved.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the offending fields."""
+
+
+@dataclass
+class VisionConfig:
+    """InternViT encoder shape (spec §1)."""
+
+    image_size: int = 448
+    patch_size: int = 14
+    hidden_size: int = 3200
+    num_layers: int = 45
+    num_heads: int = 25
+    ffn_hidden_size: int = 12800
+    norm_eps: float = 1e-6
+    layer_scale_init: float = 0.1
+    qk_normalization: bool = True
+    # Heads are zero-padded up to a multiple of this (25 -> 32) whenever num_heads is not one already. It is a
+    # model property, not derived from TP, so a checkpoint saved at one TP loads at another (NVLM recipe).
+    head_pad_multiple: int = 8
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def padded_heads(self) -> int:
+        m = max(1, self.head_pad_multiple)
+        return int(math.ceil(self.num_heads / m) * m)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class ConnectorConfig:
+    """Pixel-shuffle MLP projector `mlp1` (LayerNorm -> Linear -> GELU -> Linear)."""
+
+    downsample_ratio: float = 0.5
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class LanguageConfig:
+    """Qwen2.5 decoder shape (spec §1)."""
+
+    num_layers: int = 64
+    hidden_size: int = 5120
+    ffn_hidden_size: int = 27648
+    num_heads: int = 40
+    num_kv_heads: int = 8
+    vocab_size: int = 151674
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1_000_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    make_vocab_size_divisible_by: int = 128
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class ModelConfig:
+    """The whole VLM: encoder, connector, decoder, and the special token ids the splice relies on."""
+
+    preset: str = "tiny"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    image_context_token_id: int = 151667
+    image_start_token_id: int = 151665
+    image_end_token_id: int = 151666
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+    pad_token_id: int = 151643
+    activation_recompute: bool = False
+
+    @property
+    def tokens_per_tile(self) -> int:
+        side = int(self.vision.grid * self.connector.downsample_ratio)
+        return side * side
+
+
+@dataclass
+class ParallelConfig:
+    """Process layout. data_parallel is derived from the world size (-1) or checked against it."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None
+    context: int = 1
+    data: int = -1
+    sequence_parallel: bool = False
+    # Fewer decoder layers on stage 0 balances the ViT sitting there (megatron num_layers_in_first_pipeline_stage).
+    decoder_layers_in_first_stage: Optional[int] = None
+    backend: str = "auto"  # auto | nccl | gloo
+    launcher: str = "auto"  # auto | torchrun | slurm | none
+    nproc: int = 1  # processes to launch when not already under torchrun/srun
+    timeout_s: int = 600
+
+
+@dataclass
+class PrecisionConfig:
+    """Parameter dtype and Transformer Engine FP8 settings (FP8 needs TE; asking without it fails at start)."""
+
+    params_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    fp8: Optional[str] = None  # None | hybrid | e4m3
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"  # max | most_recent
+    fp8_margin: int = 0
+    transformer_impl: str = "auto"  # auto (TE when importable) | transformer_engine | local
+
+
+@dataclass
+class OptimizerConfig:
+    """Megatron optimizer settings (Adam by default, distributed optimizer on)."""
+
+    name: str = "adam"  # adam | sgd
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    sgd_momentum: float = 0.0
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    warmup_fraction: float = 0.03
+    lr_decay_style: str = "cosine"
+
+
+@dataclass
+class DemoConfig:
+    """Settings of `r1v3 train-step` (the parallel training-step demo)."""
+
+    steps: int = 3
+    micro_batch_size: int = 2
+    num_microbatches: int = 2
+    seq_length: int = 64
+    tiles_per_sample: int = 2
+
+
+@dataclass
+class RunConfig:
+    """Root of every recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    seed: int = 1234
+    output_dir: str = "runs/default"
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Preset, then YAML, then `key=value` overrides; returns a typed RunConfig (not yet validated)."""
+    from megatron_r1v3.models.presets import get_preset
+
+    layers = [OmegaConf.load(str(path))] if path else []
+    layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+    merged_user = OmegaConf.merge(*layers) if layers else OmegaConf.create()
+    preset = OmegaConf.select(merged_user, "model.preset", default="tiny")
+    base = OmegaConf.structured(RunConfig(model=get_preset(preset)))
+    try:
+        cfg = OmegaConf.merge(base, merged_user)
+    except Exception as exc:  # omegaconf names the key in its message
+        raise ConfigError(f"invalid config ({path or 'overrides'}): {exc}") from exc
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (written next to every checkpoint and run)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def validate(cfg: RunConfig, world_size: int, te_available: bool = False) -> RunConfig:
+    """Check the run can start; fills `parallel.data`. Errors name every field involved."""
+    p, lm, vit = cfg.parallel, cfg.model.language, cfg.model.vision
+    errors: list[str] = []
+    for name in ("tensor", "pipeline", "context"):
+        if getattr(p, name) < 1:
+            errors.append(f"parallel.{name}={getattr(p, name)} must be >= 1")
+    if errors:
+        raise ConfigError("; ".join(errors))
+    model_parallel = p.tensor * p.pipeline * p.context
+    if world_size % model_parallel:
+        errors.append(
+            f"world size {world_size} is not divisible by parallel.tensor*parallel.pipeline*parallel.context"
+            f" = {p.tensor}*{p.pipeline}*{p.context} = {model_parallel}"
+        )
+    else:
+        dp = world_size // model_parallel
+        if p.data not in (-1, dp):
+            errors.append(f"parallel.data={p.data} but world size {world_size} / (tensor*pipeline*context) = {dp}")
+        p.data = dp
+    if lm.num_heads % lm.num_kv_heads:
+        errors.append(f"model.language.num_heads={lm.num_heads} not divisible by num_kv_heads={lm.num_kv_heads}")
+    if lm.num_kv_heads % p.tensor:
+        errors.append(
+            f"parallel.tensor={p.tensor} does not divide model.language.num_kv_heads={lm.num_kv_heads} (KV groups)"
+        )
+    if lm.ffn_hidden_size % p.tensor:
+        errors.append(f"parallel.tensor={p.tensor} does not divide model.language.ffn_hidden_size={lm.ffn_hidden_size}")
+    if vit.hidden_size % vit.num_heads:
+        errors.append(f"model.vision.hidden_size={vit.hidden_size} not divisible by num_heads={vit.num_heads}")
+    if vit.padded_heads % p.tensor:
+        errors.append(
+            f"parallel.tensor={p.tensor} does not divide the padded ViT heads {vit.padded_heads}"
+            f" (model.vision.num_heads={vit.num_heads}, head_pad_multiple={vit.head_pad_multiple})"
+        )
+    if vit.ffn_hidden_size % p.tensor:
+        errors.append(f"parallel.tensor={p.tensor} does not divide model.vision.ffn_hidden_size={vit.ffn_hidden_size}")
+    if vit.image_size % vit.patch_size:
+        errors.append(f"model.vision.image_size={vit.image_size} not divisible by patch_size={vit.patch_size}")
+    _check_pipeline(cfg, errors)
+    prec = cfg.precision
+    if prec.fp8 is not None:
+        if prec.fp8 not in ("hybrid", "e4m3"):
+            errors.append(f"precision.fp8={prec.fp8!r} must be null, 'hybrid' or 'e4m3'")
+        if prec.fp8_recipe not in ("delayed", "tensorwise", "blockwise"):
+            errors.append(f"precision.fp8_recipe={prec.fp8_recipe!r} must be delayed, tensorwise or blockwise")
+        if not te_available or prec.transformer_impl == "local":
+            errors.append(
+                f"precision.fp8={prec.fp8!r} needs Transformer Engine layers, but "
+                + ("precision.transformer_impl='local'" if te_available else "transformer_engine is not importable")
+                + " (install the `gpu` extra on a CUDA machine, or set precision.fp8=null)"
+            )
+    if prec.transformer_impl == "transformer_engine" and not te_available:
+        errors.append("precision.transformer_impl='transformer_engine' but transformer_engine is not importable")
+    if (p.sequence_parallel or p.context > 1) and not te_available:
+        errors.append(
+            f"parallel.sequence_parallel={p.sequence_parallel} / parallel.context={p.context} need Transformer"
+            " Engine attention and norms, which are not importable here"
+        )
+    if prec.params_dtype not in ("auto", "fp32", "bf16", "fp16"):
+        errors.append(f"precision.params_dtype={prec.params_dtype!r} must be auto, fp32, bf16 or fp16")
+    if cfg.optimizer.name not in ("adam", "sgd"):
+        errors.append(f"optimizer.name={cfg.optimizer.name!r} must be adam or sgd")
+    elif cfg.optimizer.name == "sgd" and cfg.optimizer.use_distributed_optimizer:
+        errors.append("optimizer.name='sgd' cannot use optimizer.use_distributed_optimizer=true (megatron: Adam only)")
+    if errors:
+        raise ConfigError("invalid configuration: " + "; ".join(errors))
+    return cfg
+
+
+def _check_pipeline(cfg: RunConfig, errors: list[str]) -> None:
+    p, lm = cfg.parallel, cfg.model.language
+    if p.pipeline > lm.num_layers:
+        errors.append(f"parallel.pipeline={p.pipeline} > model.language.num_layers={lm.num_layers}")
+        return
+    vpp = p.virtual_pipeline or 1
+    if p.virtual_pipeline is not None and p.pipeline < 2:
+        errors.append(f"parallel.virtual_pipeline={p.virtual_pipeline} needs parallel.pipeline >= 2")
+    layers, stages = lm.num_layers, p.pipeline
+    first = p.decoder_layers_in_first_stage
+    if first is not None:
+        if p.pipeline < 2 or not 0 < first < layers:
+            errors.append(
+                f"parallel.decoder_layers_in_first_stage={first} needs parallel.pipeline >= 2 and"
+                f" 0 < value < model.language.num_layers={layers}"
+            )
+            return
+        if vpp > 1:
+            errors.append("parallel.decoder_layers_in_first_stage cannot be combined with parallel.virtual_pipeline")
+        layers, stages = layers - first, stages - 1
+    if layers % (stages * vpp):
+        errors.append(
+            f"model.language.num_layers={lm.num_layers} does not split evenly over parallel.pipeline={p.pipeline}"
+            + (f" x parallel.virtual_pipeline={vpp}" if vpp > 1 else "")
+            + (f" with decoder_layers_in_first_stage={first}" if first is not None else "")
+        )
+
+
+def as_dict(cfg: Any) -> dict:
+    """Plain-dict view of any config dataclass (for logging and metadata files)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+__all__ = [
+    "MISSING",
+    "ConfigError",
+    "ConnectorConfig",
+    "DemoConfig",
+    "LanguageConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "PrecisionConfig",
+    "RunConfig",
+    "VisionConfig",
+    "as_dict",
+    "load_config",
+    "to_yaml",
+    "validate",
+]

@@ -1,0 +1,66 @@
+"""Build this rank's model chunks (one per virtual pipeline stage) for the layout in `megatron.core.parallel_state`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections import Counter
+
+import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
+import torch
+from megatron.core import parallel_state as ps
+
+from megatron_r1v3.config import RunConfig
+from megatron_r1v3.models.specs import (
+    connector_config,
+    decoder_layer_spec,
+    language_config,
+    padded_vocab_size,
+    use_transformer_engine,
+    vision_config,
+)
+from megatron_r1v3.models.vlm import R1V3Model
+from megatron_r1v3.parallel.phase import set_phase
+
+
+def build_model(cfg: RunConfig, meta: bool = False) -> list[R1V3Model]:
+    """One R1V3Model per virtual pipeline stage owned by this rank (a single chunk without VPP).
+
+    `meta=True` builds on the meta device without initialisation (parameter counts of the 38B preset in seconds).
+    """
+    set_phase("build_model")
+    lm_cfg = language_config(cfg)
+    vit_cfg = vision_config(cfg)
+    if meta:
+        lm_cfg = dataclasses.replace(lm_cfg, perform_initialization=False, use_cpu_initialization=True)
+        vit_cfg = dataclasses.replace(vit_cfg, perform_initialization=False, use_cpu_initialization=True)
+    conn_cfg = connector_config(cfg, lm_cfg)
+    spec, use_te = decoder_layer_spec(cfg), use_transformer_engine(cfg)
+    lm = cfg.model.language
+    vocab = padded_vocab_size(lm.vocab_size, lm.make_vocab_size_divisible_by, cfg.parallel.tensor)
+    vpp = cfg.parallel.virtual_pipeline
+    chunks = []
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        for i in range(vpp or 1):
+            vp_stage = i if vpp else None
+            chunks.append(
+                R1V3Model(
+                    cfg.model, lm_cfg, vit_cfg, conn_cfg, spec, vocab,
+                    pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                    post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                    vp_stage=vp_stage,
+                    use_te=use_te,
+                )
+            )
+    if torch.cuda.is_available() and not meta:
+        chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
+    return chunks
+
+
+def count_parameters(chunks: list[torch.nn.Module]) -> Counter:
+    """Parameters per component (`vision_model`, `mlp1`, `language_model`) held by this rank."""
+    counts: Counter = Counter()
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            counts[name.split(".", 1)[0]] += param.numel()
+    return counts

@@ -1,0 +1,53 @@
+"""Named model shapes: `r1v3-38b` (spec §1) and `tiny` (CPU, seconds)."""
+
+from __future__ import annotations
+
+from megatron_r1v3.config import ConnectorConfig, LanguageConfig, ModelConfig, VisionConfig
+
+
+def r1v3_38b() -> ModelConfig:
+    """InternViT-6B-448px-V2.5 + pixel-shuffle MLP + Qwen2.5-32B (Skywork-R1V3-38B)."""
+    return ModelConfig(
+        preset="r1v3-38b",
+        vision=VisionConfig(),
+        connector=ConnectorConfig(),
+        language=LanguageConfig(),
+    )
+
+
+def tiny() -> ModelConfig:
+    """Same architecture, toy widths: 56 px tiles, 4 image tokens per tile, 4 decoder layers, 1000-token vocab.
+
+    The vocab size is deliberately not a multiple of 128 (exercises padding); ids of the special tokens match the
+    tiny tokenizer built for the toy task.
+    """
+    return ModelConfig(
+        preset="tiny",
+        vision=VisionConfig(
+            image_size=56, patch_size=14, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=128,
+            head_pad_multiple=4,
+        ),
+        connector=ConnectorConfig(),
+        language=LanguageConfig(
+            num_layers=4, hidden_size=64, ffn_hidden_size=160, num_heads=4, num_kv_heads=2, vocab_size=1000,
+            max_position_embeddings=4096,
+        ),
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        image_start_token_id=3,
+        image_end_token_id=4,
+        image_context_token_id=5,
+    )
+
+
+PRESETS = {"r1v3-38b": r1v3_38b, "tiny": tiny}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """Return a fresh ModelConfig for a preset name; unknown names list the known ones."""
+    if name not in PRESETS:
+        from megatron_r1v3.config import ConfigError
+
+        raise ConfigError(f"model.preset={name!r} is unknown; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()

@@ -1,0 +1,146 @@
+"""Transformer configs and layer specs: TE spec (with FP8 settings) when TE imports, megatron-core local spec otherwise."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_r1v3.config import ConfigError, RunConfig
+from megatron_r1v3.parallel import te_available
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def use_transformer_engine(cfg: RunConfig) -> bool:
+    """Resolve `precision.transformer_impl` (auto -> TE exactly when it imports)."""
+    impl = cfg.precision.transformer_impl
+    if impl == "local":
+        return False
+    if impl == "transformer_engine" and not te_available():
+        raise ConfigError("precision.transformer_impl='transformer_engine' but transformer_engine is not importable")
+    return te_available()
+
+
+def params_dtype(cfg: RunConfig) -> torch.dtype:
+    """`auto` means bf16 on GPU and fp32 on CPU."""
+    name = cfg.precision.params_dtype
+    if name == "auto":
+        name = "bf16" if torch.cuda.is_available() else "fp32"
+    return _DTYPES[name]
+
+
+def padded_vocab_size(vocab: int, multiple: int, tp: int) -> int:
+    """Vocab rounded up to `multiple` (independent of TP so checkpoints reshard); must split evenly over TP."""
+    padded = -(-vocab // multiple) * multiple
+    if padded % tp:
+        raise ConfigError(
+            f"padded vocab {padded} (model.language.vocab_size={vocab}, make_vocab_size_divisible_by={multiple})"
+            f" does not split over parallel.tensor={tp}"
+        )
+    return padded
+
+
+def _common(cfg: RunConfig) -> dict:
+    p, prec = cfg.parallel, cfg.precision
+    dtype = params_dtype(cfg)
+    on_gpu = torch.cuda.is_available()
+    common = dict(
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        context_parallel_size=p.context,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+    )
+    if cfg.model.activation_recompute:
+        common.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if prec.fp8 is not None:
+        common.update(
+            fp8=prec.fp8,
+            fp8_recipe=prec.fp8_recipe,
+            fp8_margin=prec.fp8_margin,
+            fp8_amax_history_len=prec.fp8_amax_history_len,
+            fp8_amax_compute_algo=prec.fp8_amax_compute_algo,
+        )
+    return common
+
+
+def language_config(cfg: RunConfig) -> TransformerConfig:
+    """Qwen2.5: GQA with qkv bias, SwiGLU without bias, RMSNorm, RoPE."""
+    lm, p = cfg.model.language, cfg.parallel
+    extra = {}
+    if p.decoder_layers_in_first_stage is not None:
+        extra["num_layers_in_first_pipeline_stage"] = p.decoder_layers_in_first_stage
+    return TransformerConfig(
+        num_layers=lm.num_layers,
+        hidden_size=lm.hidden_size,
+        ffn_hidden_size=lm.ffn_hidden_size,
+        num_attention_heads=lm.num_heads,
+        num_query_groups=lm.num_kv_heads,
+        kv_channels=lm.head_dim,
+        add_qkv_bias=True,
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        layernorm_epsilon=lm.norm_eps,
+        **extra,
+        **_common(cfg),
+    )
+
+
+def vision_config(cfg: RunConfig) -> TransformerConfig:
+    """InternViT: the megatron config its TP linears read (sizes use the padded head count)."""
+    v = cfg.model.vision
+    common = _common(cfg)
+    for key in ("fp8", "fp8_recipe", "fp8_margin", "fp8_amax_history_len", "fp8_amax_compute_algo"):
+        common.pop(key, None)  # the ViT runs in BF16: FP8 covers connector and decoder
+    common.update(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None)
+    return TransformerConfig(
+        num_layers=v.num_layers,
+        hidden_size=v.hidden_size,
+        ffn_hidden_size=v.ffn_hidden_size,
+        num_attention_heads=v.padded_heads,
+        kv_channels=v.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=v.norm_eps,
+        **common,
+    )
+
+
+def connector_config(cfg: RunConfig, lm_config: TransformerConfig) -> TransformerConfig:
+    """The decoder's config with the connector's LayerNorm (eps from model.connector)."""
+    return dataclasses.replace(
+        lm_config, normalization="LayerNorm", layernorm_epsilon=cfg.model.connector.norm_eps, num_layers=1,
+        num_layers_in_first_pipeline_stage=None, pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None,
+    )
+
+
+def decoder_layer_spec(cfg: RunConfig) -> ModuleSpec:
+    """TE layer spec (fused norms, FP8-capable GEMMs) when TE is used, megatron-core local spec otherwise."""
+    if use_transformer_engine(cfg):
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(normalization="RMSNorm")

@@ -1,0 +1,136 @@
+"""Run a function on N local processes (gloo/nccl rendezvous on loopback) with a hard deadline.
+
+Used by the tests and tools: each rank records its phase (`set_phase`) in a file, so a run that exceeds its deadline
+is killed and reported as "rank R timed out in phase P" instead of hanging CI; a rank that raises is reported with
+its traceback; a rank that dies without a word is reported with its exit code and last phase.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import os
+import queue
+import signal
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from megatron_r1v3.parallel.env import free_port
+
+
+class DistributedFailure(RuntimeError):
+    """A rank raised or died; the message names the rank and its phase."""
+
+
+class DistributedTimeout(DistributedFailure):
+    """The run exceeded its deadline; the message names every unfinished rank and its phase."""
+
+
+def _resolve(target: str | Callable) -> Callable:
+    if callable(target):
+        return target
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _worker(target, rank, world, port, phase_dir, env, results, kwargs) -> None:
+    os.setpgrp()  # own process group: the launcher can kill helpers this rank spawns (dist_checkpointing's)
+    os.environ.update(env)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port), R1V3_PHASE_FILE=str(Path(phase_dir) / f"rank{rank}"),
+    )
+    import torch
+
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+    from megatron_r1v3.parallel.phase import set_phase
+
+    set_phase("import")
+    try:
+        out = _resolve(target)(**kwargs)
+        results.put((rank, "ok", out))
+    except BaseException:  # report everything, including KeyboardInterrupt in a child
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def _kill_group(pid: int | None) -> None:
+    """SIGKILL a rank and everything in its process group (no orphan may keep CI's pipes open)."""
+    if pid is None:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _phase(phase_dir: str, rank: int) -> str:
+    try:
+        return (Path(phase_dir) / f"rank{rank}").read_text().split(" ", 1)[1]
+    except (OSError, IndexError):
+        return "not started"
+
+
+def run_distributed(
+    target: str | Callable,
+    nprocs: int,
+    timeout_s: float = 300.0,
+    env: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> list[Any]:
+    """Call `target(**kwargs)` on `nprocs` ranks; return each rank's result (index = rank).
+
+    `target` is a picklable callable or "module:function". Raises DistributedTimeout / DistributedFailure.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    child_env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    with tempfile.TemporaryDirectory(prefix="r1v3-phase-") as phase_dir:
+        procs = [
+            ctx.Process(target=_worker, args=(target, r, nprocs, port, phase_dir, child_env, results, kwargs))
+            for r in range(nprocs)
+        ]
+        for p in procs:
+            p.start()
+        outcome: dict[int, tuple[str, Any]] = {}
+        deadline = time.monotonic() + timeout_s
+        try:
+            while len(outcome) < nprocs:
+                try:
+                    rank, status, value = results.get(timeout=0.5)
+                    outcome[rank] = (status, value)
+                    if status == "error":
+                        raise DistributedFailure(
+                            f"rank {rank} failed in phase '{_phase(phase_dir, rank)}':\n{value}"
+                        )
+                    continue
+                except queue.Empty:
+                    pass
+                for r, p in enumerate(procs):
+                    if r not in outcome and not p.is_alive() and p.exitcode not in (0, None):
+                        raise DistributedFailure(
+                            f"rank {r} died (exit code {p.exitcode}) in phase '{_phase(phase_dir, r)}'"
+                        )
+                if time.monotonic() > deadline:
+                    pending = [r for r in range(nprocs) if r not in outcome]
+                    where = "; ".join(f"rank {r} in phase '{_phase(phase_dir, r)}'" for r in pending)
+                    raise DistributedTimeout(f"timed out after {timeout_s:.0f}s: {where}")
+        finally:
+            grace = time.monotonic() + (30 if len(outcome) == nprocs else 0)
+            for p in procs:
+                p.join(timeout=max(0.0, grace - time.monotonic()))
+            for p in procs:
+                _kill_group(p.pid)
+                p.join(timeout=10)
+    return [outcome[r][1] for r in range(nprocs)]

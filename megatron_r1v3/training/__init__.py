@@ -1,0 +1,1 @@
+"""Optimizer, data-parallel wrapping and the pipeline-parallel train/eval step, on megatron-core."""

@@ -1,0 +1,39 @@
+"""Model checkpoints with megatron-core dist_checkpointing: saved at one TP/PP/VPP layout, loadable at any other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
+import torch
+from megatron.core import dist_checkpointing
+
+from megatron_r1v3.parallel.phase import set_phase
+
+
+def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
+    """{"model{i}": chunk i's sharded state dict}; keys inside are global (layer numbers include PP/VPP offsets)."""
+    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def save_model(chunks: list[torch.nn.Module], path: str | Path) -> None:
+    """Collective: every rank writes its shards into the (existing, empty) directory `path`."""
+    set_phase(f"save_model {path}")
+    Path(path).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(model_sharded_state_dict(chunks), str(path))
+
+
+def load_model(chunks: list[torch.nn.Module], path: str | Path, strict: bool = True) -> None:
+    """Collective: fill this rank's chunks from a checkpoint saved at any layout."""
+    set_phase(f"load_model {path}")
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model checkpoint directory {path} does not exist")
+    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(path))
+    for i, chunk in enumerate(chunks):
+        _unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=strict)

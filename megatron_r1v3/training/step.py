@@ -1,0 +1,110 @@
+"""One training step and one evaluation forward through megatron-core's pipeline schedules.
+
+A microbatch is a dict: `input_ids [b, s]`, `labels [b, s]`, `loss_mask [b, s]` (1 where the token is trained on)
+and optionally `pixel_values [tiles, 3, S, S]`. Every stage receives the same microbatches; stage 0 uses the ids and
+pixels, the last stage the labels. The loss is the token mean of each microbatch, averaged over microbatches and DP.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_r1v3.models.vlm import gather_logits
+from megatron_r1v3.parallel.phase import set_phase
+
+
+def token_loss(batch: dict, logits: torch.Tensor):
+    """Masked token-mean cross entropy on vocab-parallel logits; returns (loss, metrics for logging)."""
+    per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), batch["labels"])
+    mask = batch["loss_mask"].float()
+    loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    return loss, {"loss": loss.detach().clone()}
+
+
+def _forward_step(data_iterator, model, loss_fn=token_loss):
+    batch = next(data_iterator)
+    out = model(batch["input_ids"], pixel_values=batch.get("pixel_values"))
+    return out, partial(loss_fn, batch)
+
+
+def _iterators(microbatches: list[dict], n_chunks: int):
+    return [iter(microbatches) for _ in range(n_chunks)] if n_chunks > 1 else iter(microbatches)
+
+
+def _shape(microbatches: list[dict]) -> tuple[int, int]:
+    b, s = microbatches[0]["input_ids"].shape
+    for i, mb in enumerate(microbatches):
+        if tuple(mb["input_ids"].shape) != (b, s):
+            raise ValueError(f"microbatch {i} has shape {tuple(mb['input_ids'].shape)}, expected {(b, s)} (pad first)")
+    return b, s
+
+
+def broadcast_from_last_stage(value: float) -> float:
+    """Make a last-stage scalar (e.g. the loss) known on every rank."""
+    t = torch.tensor([value], dtype=torch.float64)
+    if torch.cuda.is_available():
+        t = t.cuda()
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        src = ps.get_pipeline_model_parallel_last_rank()
+        dist.broadcast(t, src=src, group=ps.get_pipeline_model_parallel_group())
+    return float(t.item())
+
+
+def train_step(ddp_chunks, optimizer, microbatches: list[dict], loss_fn=token_loss) -> dict:
+    """Forward/backward over all microbatches (pipelined), DP grad reduce, optimizer step. Returns metrics."""
+    b, s = _shape(microbatches)
+    for chunk in ddp_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    set_phase("train_step: forward/backward")
+    outputs = get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, loss_fn=loss_fn),
+        data_iterator=_iterators(microbatches, len(ddp_chunks)),
+        model=ddp_chunks,
+        num_microbatches=len(microbatches),
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=False,
+    )
+    set_phase("train_step: optimizer")
+    ok, grad_norm, _ = optimizer.step()
+    loss = 0.0
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        loss_t = torch.stack([o["loss"] for o in outputs]).mean()
+        dist.all_reduce(loss_t, group=ps.get_data_parallel_group())
+        loss = float(loss_t) / ps.get_data_parallel_world_size()
+    set_phase("train_step: done")
+    return {"loss": broadcast_from_last_stage(loss), "grad_norm": float(grad_norm or 0.0), "update_ok": bool(ok)}
+
+
+def _logits_loss(vocab_size: int, batch: dict, logits: torch.Tensor):
+    return torch.zeros(()), {"logits": gather_logits(logits, vocab_size).detach()}
+
+
+@torch.no_grad()
+def forward_logits(chunks, microbatches: list[dict], vocab_size: int) -> list[torch.Tensor] | None:
+    """Full-vocab logits `[b, s, V]` per microbatch on the last pipeline stage (None on other stages)."""
+    b, s = _shape(microbatches)
+    for c in chunks:
+        c.eval()
+    outputs = get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, loss_fn=partial(_logits_loss, vocab_size)),
+        data_iterator=_iterators(microbatches, len(chunks)),
+        model=chunks,
+        num_microbatches=len(microbatches),
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=True,
+    )
+    for c in chunks:
+        c.train()
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return [o["logits"] for o in outputs]

@@ -1,0 +1,185 @@
+"""Functions that run inside spawned ranks (via megatron_r1v3.parallel.spawn.run_distributed) for the parallel tests.
+
+Reference = one process at TP1·PP1; the parallel runs load the reference's dist checkpoint at their own layout and
+compare logits / updated weights against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TINY_VIT_PADDED = ["model.vision.hidden_size=48", "model.vision.num_heads=3"]  # 3 heads: TP2 needs padding
+
+
+def _setup(overrides: list[str]):
+    from megatron_r1v3.config import load_config
+    from megatron_r1v3.parallel import init_parallel, set_model_parallel
+
+    cfg = load_config(None, ["model.preset=tiny", *overrides])
+    import torch.distributed as dist
+
+    state = set_model_parallel(cfg) if dist.is_initialized() else init_parallel(cfg)
+    return cfg, state
+
+
+def _batches(cfg, num=8):
+    from megatron_r1v3.training.random_batch import random_microbatches
+
+    return random_microbatches(cfg.model, num, micro_batch_size=1, seq_length=24, tiles_per_sample=2, seed=7)
+
+
+def _logits(cfg, chunks, batches):
+    from megatron_r1v3.training.step import forward_logits
+
+    return forward_logits(chunks, batches, cfg.model.language.vocab_size)
+
+
+def reference(workdir: str) -> dict:
+    """TP1 model: logits + checkpoint; plus the 3-head ViT unpadded, and padded at TP1 from the same weights."""
+    from megatron_r1v3.models.build import build_model
+    from megatron_r1v3.models.internvit import pad_heads
+    from megatron_r1v3.training.checkpoint import save_model
+
+    out = {}
+    cfg, _ = _setup([])
+    chunks = build_model(cfg)
+    out["logits"] = torch.cat(_logits(cfg, chunks, _batches(cfg)))
+    save_model(chunks, f"{workdir}/ckpt")
+
+    cfg_u, _ = _setup([*TINY_VIT_PADDED, "model.vision.head_pad_multiple=1"])
+    unpadded = build_model(cfg_u)[0]
+    out["logits_3heads"] = torch.cat(_logits(cfg_u, [unpadded], _batches(cfg_u)))
+    cfg_p, _ = _setup([*TINY_VIT_PADDED, "model.vision.head_pad_multiple=2"])
+    padded = build_model(cfg_p)[0]
+    kinds = {"attn.qkv.weight": "qkv", "attn.q_norm.weight": "norm", "attn.k_norm.weight": "norm",
+             "attn.proj.weight": "proj"}
+    state = {}
+    for name, t in unpadded.state_dict().items():
+        kind = next((k for s, k in kinds.items() if name.endswith(s)), None)
+        state[name] = pad_heads(t, kind, cfg_u.model.vision, cfg_p.model.vision.padded_heads) if kind else t
+    padded.load_state_dict(state)
+    out["logits_3heads_padded_tp1"] = torch.cat(_logits(cfg_p, [padded], _batches(cfg_p)))
+    save_model([padded], f"{workdir}/ckpt_padded")
+    torch.save(out, f"{workdir}/reference.pt")
+    return {k: v.shape for k, v in out.items()}
+
+
+LAYOUTS = [
+    ("tp2", ["parallel.tensor=2"], "ckpt", "logits"),
+    ("pp2", ["parallel.pipeline=2"], "ckpt", "logits"),
+    ("pp2_vpp2", ["parallel.pipeline=2", "parallel.virtual_pipeline=2"], "ckpt", "logits"),
+    ("tp2_pp2", ["parallel.tensor=2", "parallel.pipeline=2"], "ckpt", "logits"),
+    ("tp2_vit_padded", ["parallel.tensor=2", *TINY_VIT_PADDED, "model.vision.head_pad_multiple=2"],
+     "ckpt_padded", "logits_3heads"),
+]
+
+
+def parity(workdir: str, layouts: list[str]) -> dict:
+    """Each layout: load the TP1 checkpoint, forward this DP rank's share of the batches, max |diff| vs reference."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_r1v3.models.build import build_model
+    from megatron_r1v3.parallel.phase import set_phase
+    from megatron_r1v3.training.checkpoint import load_model
+
+    ref = torch.load(f"{workdir}/reference.pt")
+    result = {}
+    for name, overrides, ckpt, ref_key in (layout for layout in LAYOUTS if layout[0] in layouts):
+        set_phase(f"parity {name}: setup")
+        cfg, state = _setup(overrides)
+        chunks = build_model(cfg)
+        load_model(chunks, f"{workdir}/{ckpt}")
+        set_phase(f"parity {name}: forward")
+        mine = list(range(len(_batches(cfg))))[state.dp_rank :: state.dp]
+        batches = _batches(cfg)
+        logits = _logits(cfg, chunks, [batches[i] for i in mine])
+        diff = torch.tensor([0.0])
+        if logits is not None:
+            diff = (torch.cat(logits) - ref[ref_key][mine]).abs().max().reshape(1)
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        result[name] = {"max_abs_diff": float(diff), "dp": state.dp, "tp": state.tp, "pp": state.pp}
+        del chunks
+        set_phase(f"parity {name}: done")
+    ps.destroy_model_parallel()
+    return result
+
+
+def optimizer_step(workdir: str, overrides: list[str], tag: str, compare: bool) -> dict:
+    """One DDP + (distributed) optimizer step from the reference checkpoint on this DP rank's share of 4 batches.
+
+    compare=False (reference run): save the updated model to `{tag}_after`. compare=True: load that checkpoint into
+    a second model at this layout and return the max |param difference| over all ranks.
+    """
+    import torch.distributed as dist
+
+    from megatron_r1v3.models.build import build_model
+    from megatron_r1v3.training.checkpoint import load_model, save_model
+    from megatron_r1v3.training.optimizer import build_optimizer, wrap_ddp
+    from megatron_r1v3.training.step import train_step
+
+    cfg, state = _setup(overrides)
+    chunks = build_model(cfg)
+    load_model(chunks, f"{workdir}/ckpt")
+    ddp = wrap_ddp(chunks, cfg)
+    opt = build_optimizer(ddp, cfg)
+    batches = _batches(cfg, num=4)
+    metrics = train_step(ddp, opt, batches[state.dp_rank :: state.dp])
+    if not compare:
+        save_model(chunks, f"{workdir}/{tag}_after")
+        return metrics
+    expected = build_model(cfg)
+    load_model(expected, f"{workdir}/{tag}_after")
+    diff = torch.tensor([0.0])
+    for got, want in zip(chunks, expected):
+        for (name, p), (_, q) in zip(got.named_parameters(), want.named_parameters()):
+            diff = torch.maximum(diff, (p.detach() - q.detach()).abs().max().reshape(1))
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return {**metrics, "max_param_diff": float(diff)}
+
+
+def hang_on_rank1() -> None:
+    """Rank 1 never reaches the barrier: the launcher must report its phase."""
+    import time
+
+    from megatron_r1v3.parallel.phase import set_phase
+
+    cfg, state = _setup([])
+    if state.rank == 1:
+        set_phase("stuck before barrier")
+        time.sleep(3600)
+    set_phase("waiting in barrier")
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def raise_on_rank1() -> None:
+    """Rank 1 raises: the launcher must report rank, phase and traceback."""
+    from megatron_r1v3.parallel.phase import set_phase
+
+    set_phase("about to fail")
+    import os
+
+    if os.environ["RANK"] == "1":
+        raise ValueError("deliberate failure")
+
+
+SGD = ["optimizer.name=sgd", "optimizer.lr=0.1", "optimizer.use_distributed_optimizer=false"]
+ADAM = ["optimizer.name=adam", "optimizer.lr=1e-3", "optimizer.use_distributed_optimizer=true"]
+
+
+def reference_with_optimizer(workdir: str) -> dict:
+    """`reference()` plus the TP1·DP1 optimizer steps (SGD and Adam) whose results the parallel runs compare to."""
+    shapes = reference(workdir)
+    optimizer_step(workdir, SGD, "sgd", compare=False)
+    optimizer_step(workdir, ADAM, "adam", compare=False)
+    return shapes
+
+
+def four_rank_checks(workdir: str) -> dict:
+    """At world size 4: TP2·PP2 (DP1) logits parity, then one optimizer step at TP2·DP2 with SGD and with Adam."""
+    out = parity(workdir, ["tp2_pp2"])
+    out["sgd_tp2_dp2"] = optimizer_step(workdir, ["parallel.tensor=2", *SGD], "sgd", compare=True)
+    out["adam_tp2_dp2"] = optimizer_step(workdir, ["parallel.tensor=2", *ADAM], "adam", compare=True)
+    return out
