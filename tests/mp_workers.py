@@ -178,8 +178,12 @@ def reference_with_optimizer(workdir: str) -> dict:
 
 
 def four_rank_checks(workdir: str) -> dict:
-    """At world size 4: TP2·PP2 (DP1) logits parity, then one optimizer step at TP2·DP2 with SGD and with Adam."""
+    """At world size 4: TP2·PP2 (DP1) logits parity, then one optimizer step at TP2·DP2 with SGD and with Adam
+    (distributed optimizer), and one Adam step at TP2·PP2 (pipelined backward + embedding-group grad sync)."""
     out = parity(workdir, ["tp2_pp2"])
     out["sgd_tp2_dp2"] = optimizer_step(workdir, ["parallel.tensor=2", *SGD], "sgd", compare=True)
     out["adam_tp2_dp2"] = optimizer_step(workdir, ["parallel.tensor=2", *ADAM], "adam", compare=True)
+    out["adam_tp2_pp2"] = optimizer_step(
+        workdir, ["parallel.tensor=2", "parallel.pipeline=2", *ADAM], "adam", compare=True
+    )
     return out

@@ -96,6 +96,14 @@ class R1V3Model(MegatronModule):
             if self.mlp1.layer_norm is not None:
                 self.mlp1.layer_norm.to(dtype)
 
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        """Read by megatron's finalize_model_grads (embedding-group all-reduce across pipeline stages)."""
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand activations from the previous stage to the decoder."""
         self.language_model.set_input_tensor(input_tensor)

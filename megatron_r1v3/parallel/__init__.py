@@ -6,11 +6,23 @@ binds any CUDA call (it is a no-op on GPU machines).
 
 import warnings
 
-from megatron_r1v3.parallel.cpu_shim import apply_cpu_shim
+import torch
 
-if apply_cpu_shim():  # expected on CPU machines; not worth a screenful per process
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex are|is) not installed.*")
-warnings.filterwarnings("ignore", message="full scope is deprecated")
+# Known, benign notices megatron-core prints once per process; silenced so real warnings stay visible.
+_BENIGN = [
+    ".*The .grad attribute of a Tensor that is not a leaf Tensor is being accessed",  # megatron zero_grad helper
+    "`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",  # megatron's c10d calls
+    "full scope is deprecated",
+    "`torch.jit.script_method` is deprecated",
+]
+if not torch.cuda.is_available():  # expected fallbacks on CPU machines
+    _BENIGN += [".*(Transformer Engine and Apex are|Apex is) not installed"]
+for _pattern in _BENIGN:
+    warnings.filterwarnings("ignore", message=_pattern)
+
+from megatron_r1v3.parallel.cpu_shim import apply_cpu_shim  # noqa: E402
+
+apply_cpu_shim()
 
 from megatron_r1v3.parallel.init import (  # noqa: E402
     ParallelState,

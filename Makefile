@@ -1,0 +1,44 @@
+# `make test` and `make demo` each create/refresh .venv and install what they need on a fresh machine.
+# CPU machines: CPU torch is installed first (pip's find-links serves torch-2.13.0+cpu; elsewhere use PyTorch's
+# CPU index via TORCH_INDEX=https://download.pytorch.org/whl/cpu), so nothing pulls CUDA torch or nvidia-* wheels.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+EXTRAS ?= test,data
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+.PHONY: install test demo lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q "torch==$(TORCH_VERSION)" numpy $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	@$(PY) -c "import torch, sys; sys.exit('CUDA torch was pulled into the CPU venv' if torch.version.cuda and not torch.cuda.is_available() else 0)"
+	@! $(PIP) list 2>/dev/null | grep -E '^nvidia-(cublas|cudnn|nccl|cuda-runtime)' || (echo "nvidia CUDA wheels in the CPU venv" && exit 1)
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Until the GRPO issue lands, the demo is the largest thing that exists: real training steps of the tiny VLM at
+# TP2·PP2 (4 processes, megatron-core on gloo), DDP + distributed optimizer, then the 38B parameter table.
+demo: $(STAMP)
+	@echo "[demo] megatron_r1v3 today: parallel training steps of the tiny R1V3 VLM (TP2·PP2, CPU/gloo)."
+	@echo "[demo] The full SFT -> GRPO -> connector-tuning recipe replaces this demo when the RL issue lands."
+	$(VENV)/bin/r1v3 train-step examples/tiny_cpu_parallel.yaml
+	$(VENV)/bin/r1v3 info --preset r1v3-38b
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check megatron_r1v3 tests tools
+
+clean:
+	rm -rf $(VENV) .pytest_cache

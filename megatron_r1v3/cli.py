@@ -1,0 +1,134 @@
+"""`r1v3` command line: `info`, `train-step` (more subcommands join as their issues land).
+
+A command that needs N processes and is not already under torchrun/srun re-executes itself under torchrun
+(`--nproc`, default: the processes the config's layout needs), so a user types one command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Optional
+
+from megatron_r1v3.config import ConfigError, RunConfig, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="recipe YAML (examples/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tensor=2")
+    p.add_argument("--nproc", type=int, default=None, help="processes to launch when not under torchrun/srun")
+
+
+def _load(args) -> RunConfig:
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]
+    return load_config(config, overrides)
+
+
+def processes_needed(cfg: RunConfig) -> int:
+    """tensor × pipeline × context × data (data=-1 counts as 1)."""
+    p = cfg.parallel
+    return p.tensor * p.pipeline * p.context * (p.data if p.data > 0 else 1)
+
+
+def maybe_relaunch(nproc: int, argv: list[str]) -> None:
+    """Re-exec this command under torchrun with `nproc` processes unless already under a launcher."""
+    from megatron_r1v3.parallel.env import under_launcher
+
+    if nproc <= 1 or under_launcher() is not None:
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "megatron_r1v3.cli", *argv]
+    print(f"[r1v3] launching {nproc} processes: torchrun --standalone --nproc-per-node={nproc} ...", flush=True)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.execv(sys.executable, cmd)
+
+
+def cmd_info(args) -> int:
+    """Parameter counts of a preset, built on the meta device at TP1·PP1 (no memory, no GPU)."""
+    overrides = [f"model.preset={args.preset}", "parallel.launcher=none", *args.overrides]
+    cfg = load_config(None, overrides)
+    from megatron_r1v3.models.build import build_model, count_parameters
+    from megatron_r1v3.models.internvit import padding_parameter_count
+    from megatron_r1v3.parallel import destroy_parallel, init_parallel
+
+    init_parallel(cfg)
+    counts = count_parameters(build_model(cfg, meta=True))
+    destroy_parallel()
+    pad = padding_parameter_count(cfg.model.vision)
+    real = {
+        "vision (InternViT)": counts["vision_model"] - pad,
+        "connector (mlp1)": counts["mlp1"],
+        "decoder (Qwen2.5)": counts["language_model"],
+    }
+    m, v, lm = cfg.model, cfg.model.vision, cfg.model.language
+    print(f"preset {m.preset}: ViT {v.num_layers}L h{v.hidden_size} {v.num_heads} heads"
+          f" (padded to {v.padded_heads}), decoder {lm.num_layers}L h{lm.hidden_size}"
+          f" {lm.num_heads}q/{lm.num_kv_heads}kv heads, vocab {lm.vocab_size}, {m.tokens_per_tile} tokens/tile")
+    for name, n in real.items():
+        print(f"{name:<22} {n:>16,d}  ({n / 1e9:.3f}B)")
+    total = sum(real.values())
+    print(f"{'total':<22} {total:>16,d}  ({total / 1e9:.3f}B)")
+    print(f"{'zero ViT padding heads':<22} {pad:>16,d}  (allocated, not counted)")
+    return 0
+
+
+def cmd_train_step(args) -> int:
+    """A few real training steps of the model on random VLM batches at the configured TP/PP/VPP/DP layout."""
+    cfg = _load(args)
+    maybe_relaunch(args.nproc or processes_needed(cfg), sys.argv[1:])
+    from megatron_r1v3.models.build import build_model, count_parameters
+    from megatron_r1v3.parallel import destroy_parallel, init_parallel
+    from megatron_r1v3.training.optimizer import build_optimizer, wrap_ddp
+    from megatron_r1v3.training.random_batch import random_microbatches
+    from megatron_r1v3.training.step import train_step
+
+    state = init_parallel(cfg)
+    chunks = build_model(cfg)
+    ddp = wrap_ddp(chunks, cfg)
+    opt = build_optimizer(ddp, cfg)
+    d = cfg.demo
+    say = print if state.rank == 0 else (lambda *a, **k: None)
+    say(f"[r1v3] layout TP{state.tp}·PP{state.pp}" + (f"·VPP{state.vpp}" if state.vpp else "")
+        + f"·DP{state.dp} on {state.backend}/{state.device.type}; rank 0 holds "
+        + ", ".join(f"{k}={v:,}" for k, v in sorted(count_parameters(chunks).items())) + " parameters")
+    for step in range(d.steps):
+        batches = random_microbatches(
+            cfg.model, d.num_microbatches * state.dp, d.micro_batch_size, d.seq_length, d.tiles_per_sample,
+            seed=cfg.seed + step,
+        )[state.dp_rank :: state.dp]
+        t0 = time.perf_counter()
+        metrics = train_step(ddp, opt, batches)
+        say(f"step {step + 1}/{d.steps}  loss {metrics['loss']:.4f}  grad_norm {metrics['grad_norm']:.3f}"
+            f"  {time.perf_counter() - t0:.2f}s")
+    destroy_parallel()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="r1v3", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="parameter counts of a model preset (meta device)")
+    p.add_argument("--preset", default="r1v3-38b")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("train-step", help="parallel training steps of the model on random VLM batches")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train_step)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"r1v3: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

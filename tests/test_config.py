@@ -1,0 +1,58 @@
+"""Config loading (preset → YAML → overrides) and start-time validation that names the offending fields."""
+
+import pytest
+
+from megatron_r1v3.config import ConfigError, load_config, to_yaml, validate
+
+
+def test_preset_yaml_and_overrides_merge(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  preset: r1v3-38b\nparallel:\n  tensor: 8\noptimizer:\n  lr: 2.0e-5\n")
+    cfg = load_config(recipe, ["parallel.pipeline=2", "model.language.num_layers=32"])
+    assert cfg.model.preset == "r1v3-38b" and cfg.model.vision.num_layers == 45
+    assert cfg.parallel.tensor == 8 and cfg.parallel.pipeline == 2 and cfg.optimizer.lr == 2e-5
+    assert cfg.model.language.num_layers == 32 and cfg.model.tokens_per_tile == 256
+    assert cfg.model.vision.padded_heads == 32
+    assert "preset: r1v3-38b" in to_yaml(cfg)
+
+
+def test_tiny_preset_defaults():
+    cfg = load_config(None, [])
+    assert cfg.model.preset == "tiny" and cfg.model.tokens_per_tile == 4
+    assert cfg.model.language.vocab_size % 128  # padding path exercised
+
+
+@pytest.mark.parametrize(
+    "overrides, world, fields",
+    [
+        (["parallel.tensor=4"], 4, ["parallel.tensor=4", "num_kv_heads=2"]),
+        (["parallel.pipeline=8"], 8, ["parallel.pipeline=8", "num_layers=4"]),
+        (["parallel.tensor=2"], 3, ["world size 3", "parallel.tensor*parallel.pipeline*parallel.context"]),
+        (["parallel.data=4"], 2, ["parallel.data=4"]),
+        (["parallel.pipeline=3"], 3, ["num_layers=4", "parallel.pipeline=3"]),
+        (["parallel.virtual_pipeline=2"], 1, ["parallel.virtual_pipeline=2"]),
+        (["precision.fp8=hybrid"], 1, ["precision.fp8='hybrid'", "transformer_engine is not importable"]),
+        (["parallel.sequence_parallel=true", "parallel.tensor=2"], 2, ["parallel.sequence_parallel=True"]),
+        (["model.vision.num_heads=3", "model.vision.hidden_size=48", "model.vision.head_pad_multiple=1",
+          "parallel.tensor=2"], 2, ["padded ViT heads 3", "head_pad_multiple=1"]),
+        (["optimizer.name=sgd"], 1, ["optimizer.use_distributed_optimizer"]),
+    ],
+)
+def test_invalid_combinations_fail_at_start_naming_fields(overrides, world, fields):
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world, te_available=False)
+    for field in fields:
+        assert field in str(err.value), (field, str(err.value))
+
+
+def test_valid_layout_fills_data_parallel():
+    cfg = validate(load_config(None, ["parallel.tensor=2", "parallel.pipeline=2"]), 8)
+    assert cfg.parallel.data == 2
+
+
+def test_unknown_key_and_preset_are_named():
+    with pytest.raises(ConfigError, match="parallel.tensr"):
+        load_config(None, ["parallel.tensr=2"])
+    with pytest.raises(ConfigError, match="model.preset='nope'"):
+        load_config(None, ["model.preset=nope"])
