@@ -1,4 +1,4 @@
-"""`r1v3` command line: `info`, `train-step` (more subcommands join as their issues land).
+"""`r1v3` command line: `info`, `train-step`, `convert`, `compare-hf` (more subcommands join as issues land).
 
 A command that needs N processes and is not already under torchrun/srun re-executes itself under torchrun
 (`--nproc`, default: the processes the config's layout needs), so a user types one command.
@@ -108,6 +108,51 @@ def cmd_train_step(args) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+    for unit, mult in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * mult)
+    return int(text)
+
+
+def cmd_convert(args) -> int:
+    """HF <-> Megatron at any TP/PP (tp*pp processes, re-launched under torchrun when needed)."""
+    maybe_relaunch(args.tp * args.pp, sys.argv[1:])
+    from megatron_r1v3.bridge.convert import ConversionError, hf_to_megatron, megatron_to_hf
+    from megatron_r1v3.bridge.hf_io import HFFormatError
+    from megatron_r1v3.bridge.mapping import MappingError
+    from megatron_r1v3.parallel import destroy_parallel
+
+    t0 = time.perf_counter()
+    try:
+        if args.direction == "hf-to-megatron":
+            out = hf_to_megatron(args.hf, args.out, args.tp, args.pp, args.vpp)
+        else:
+            out = megatron_to_hf(args.megatron, args.out, args.layout, args.tp, args.pp, _size(args.max_shard_size))
+    except (ConversionError, MappingError, HFFormatError, FileNotFoundError) as exc:
+        print(f"r1v3 convert: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        destroy_parallel()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[r1v3] {args.direction}: {out['tensors']} tensors -> {args.out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def cmd_compare_hf(args) -> int:
+    """Run transformers and Megatron on the same input; the last line is `max_abs_logit_diff=<float>`."""
+    maybe_relaunch(args.tp * args.pp, sys.argv[1:])
+    from megatron_r1v3.bridge.compare import compare_hf
+    from megatron_r1v3.parallel import destroy_parallel
+
+    diff = compare_hf(args.hf, args.megatron, args.tp, args.pp, args.image, args.prompt)
+    destroy_parallel()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"max_abs_logit_diff={diff:.6g}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r1v3", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +163,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-step", help="parallel training steps of the model on random VLM batches")
     _add_config_args(p)
     p.set_defaults(func=cmd_train_step)
+
+    conv = sub.add_parser("convert", help="HF <-> Megatron checkpoint conversion").add_subparsers(
+        dest="direction", required=True)
+    p = conv.add_parser("hf-to-megatron", help="HF (remote-code or native InternVL layout) -> megatron dist ckpt")
+    p.add_argument("--hf", required=True)
+    p.add_argument("--vpp", type=int, default=None)
+    p.set_defaults(func=cmd_convert)
+    q = conv.add_parser("megatron-to-hf", help="megatron dist checkpoint -> sharded safetensors")
+    q.add_argument("--megatron", required=True)
+    q.add_argument("--layout", choices=["remote", "native"], default=None, help="default: the source layout")
+    q.add_argument("--max-shard-size", default="5GB")
+    q.set_defaults(func=cmd_convert)
+    for sp in (p, q):
+        sp.add_argument("--out", required=True)
+        sp.add_argument("--tp", type=int, default=1)
+        sp.add_argument("--pp", type=int, default=1)
+
+    p = sub.add_parser("compare-hf", help="max |logit| difference between transformers and our Megatron model")
+    p.add_argument("--hf", required=True)
+    p.add_argument("--megatron", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--image", default=None)
+    p.add_argument("--prompt", default=None)
+    p.set_defaults(func=cmd_compare_hf)
     return parser
 
 

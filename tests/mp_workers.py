@@ -132,7 +132,7 @@ def optimizer_step(workdir: str, overrides: list[str], tag: str, compare: bool) 
     load_model(expected, f"{workdir}/{tag}_after")
     diff = torch.tensor([0.0])
     for got, want in zip(chunks, expected):
-        for (name, p), (_, q) in zip(got.named_parameters(), want.named_parameters()):
+        for (_, p), (_, q) in zip(got.named_parameters(), want.named_parameters()):
             diff = torch.maximum(diff, (p.detach() - q.detach()).abs().max().reshape(1))
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return {**metrics, "max_param_diff": float(diff)}

@@ -71,3 +71,12 @@ def test_detect_launch_env_torchrun_slurm_and_single():
     assert detect_launch_env(env={}).world_size == 1
     with pytest.raises(RuntimeError, match="SLURM_JOB_NODELIST"):
         detect_launch_env("slurm", env={"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+
+
+def test_default_device_context_still_applies_to_wrapped_factories():
+    # transformers' from_pretrained builds under torch.device("meta"); if the shim's wrappers broke that, loaded
+    # models would silently get uninitialised non-persistent buffers (e.g. rotary inv_freq).
+    with torch.device("meta"):
+        assert torch.arange(3).device.type == "meta"
+        assert torch.empty(2, 2).device.type == "meta"
+        assert torch.zeros(2).device.type == "meta"

@@ -6,10 +6,10 @@ import contextlib
 import dataclasses
 from collections import Counter
 
-import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 import torch
 from megatron.core import parallel_state as ps
 
+import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 from megatron_r1v3.config import RunConfig
 from megatron_r1v3.models.specs import (
     connector_config,
@@ -23,17 +23,20 @@ from megatron_r1v3.models.vlm import R1V3Model
 from megatron_r1v3.parallel.phase import set_phase
 
 
-def build_model(cfg: RunConfig, meta: bool = False) -> list[R1V3Model]:
+def build_model(cfg: RunConfig, meta: bool = False, init: bool = True) -> list[R1V3Model]:
     """One R1V3Model per virtual pipeline stage owned by this rank (a single chunk without VPP).
 
-    `meta=True` builds on the meta device without initialisation (parameter counts of the 38B preset in seconds).
+    `meta=True` builds on the meta device (parameter counts of the 38B preset in seconds); `init=False` skips
+    megatron's weight initialisation when every weight is about to be loaded (conversion, resume).
     """
     set_phase("build_model")
     lm_cfg = language_config(cfg)
     vit_cfg = vision_config(cfg)
-    if meta:
-        lm_cfg = dataclasses.replace(lm_cfg, perform_initialization=False, use_cpu_initialization=True)
-        vit_cfg = dataclasses.replace(vit_cfg, perform_initialization=False, use_cpu_initialization=True)
+    if meta or not init:
+        lm_cfg = dataclasses.replace(lm_cfg, perform_initialization=False,
+                                     use_cpu_initialization=meta or lm_cfg.use_cpu_initialization)
+        vit_cfg = dataclasses.replace(vit_cfg, perform_initialization=False,
+                                      use_cpu_initialization=meta or vit_cfg.use_cpu_initialization)
     conn_cfg = connector_config(cfg, lm_cfg)
     spec, use_te = decoder_layer_spec(cfg), use_transformer_engine(cfg)
     lm = cfg.model.language
@@ -52,9 +55,33 @@ def build_model(cfg: RunConfig, meta: bool = False) -> list[R1V3Model]:
                     use_te=use_te,
                 )
             )
+    for chunk in chunks:
+        mark_tensor_parallel_params(chunk)
     if torch.cuda.is_available() and not meta:
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
     return chunks
+
+
+def mark_tensor_parallel_params(module: torch.nn.Module) -> None:
+    """Set megatron's `tensor_model_parallel/partition_dim` on every TP-sharded weight.
+
+    megatron-core sets them only inside its weight-init functions, so a model built with init=False would look
+    replicated to the bridge and the optimizer. Column-parallel and vocab-parallel weights split dim 0 (as do
+    column-parallel biases, which megatron always marks), row-parallel weights dim 1.
+    """
+    from megatron.core.tensor_parallel import layers as tpl
+
+    for m in module.modules():
+        mode = getattr(m, "parallel_mode", None)  # Transformer Engine wrappers
+        if isinstance(m, (tpl.ColumnParallelLinear, tpl.VocabParallelEmbedding)) or mode == "column":
+            dim = 0
+        elif isinstance(m, tpl.RowParallelLinear) or mode == "row":
+            dim = 1
+        else:
+            continue
+        weight = getattr(m, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and not hasattr(weight, "tensor_model_parallel"):
+            tpl.set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
 def count_parameters(chunks: list[torch.nn.Module]) -> Counter:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 
-import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 
 
 def pixel_shuffle(x: torch.Tensor, scale: float = 0.5) -> torch.Tensor:

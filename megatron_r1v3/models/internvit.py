@@ -8,7 +8,6 @@ divided by the *unpadded* width. Output: last layer with CLS dropped, `[tiles, g
 
 from __future__ import annotations
 
-import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
@@ -17,6 +16,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint, sharded_state_dict_default
 
+import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 from megatron_r1v3.config import VisionConfig
 
 

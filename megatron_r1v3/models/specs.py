@@ -1,15 +1,15 @@
-"""Transformer configs and layer specs: TE spec (with FP8 settings) when TE imports, megatron-core local spec otherwise."""
+"""Transformer configs and layer specs: TE spec (with FP8 settings) when TE imports, else megatron-core local spec."""
 
 from __future__ import annotations
 
 import dataclasses
 
-import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 from megatron_r1v3.config import ConfigError, RunConfig
 from megatron_r1v3.parallel import te_available
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
@@ -19,6 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 from megatron_r1v3.config import ModelConfig
 from megatron_r1v3.models.connector import Connector
 from megatron_r1v3.models.internvit import InternViT

@@ -99,6 +99,13 @@ class _InertStream:
 
 
 def _patch_torch() -> None:
+    # torch's default-device mode (`with torch.device("meta")`, used by transformers' from_pretrained) recognises
+    # constructors by identity in a cached set: build that cache now, from the original functions, or the
+    # wrapped ones would stop honouring the default device (and transformers would wipe the tensors).
+    from torch.utils import _device
+
+    originals = frozenset(_device._device_constructors())
+    _device._device_constructors = lambda: originals
     for name in _FACTORIES:
         setattr(torch, name, _wrap_factory(getattr(torch, name)))
     for name in _TENSOR_NEW:

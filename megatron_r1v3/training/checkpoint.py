@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 import torch
 from megatron.core import dist_checkpointing
 
+import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 from megatron_r1v3.parallel.phase import set_phase
 
 

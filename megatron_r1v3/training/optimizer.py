@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 
+import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 from megatron_r1v3.config import RunConfig
 from megatron_r1v3.models.specs import params_dtype
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from functools import partial
 
-import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 from megatron_r1v3.models.vlm import gather_logits
 from megatron_r1v3.parallel.phase import set_phase
 

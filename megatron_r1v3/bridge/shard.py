@@ -1,0 +1,69 @@
+"""Generic TP/PP distribution of full (TP1-layout) tensors: canonical names with global layer numbers, TP slice and
+TP gather driven by megatron's `tensor_model_parallel`/`partition_dim` parameter attributes."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
+
+_DECODER_LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.(.*)$")
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def global_named_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """Parameters of one model chunk named with global decoder layer indices (PP/VPP offsets applied)."""
+    model = _unwrap(chunk)
+    for name, param in model.named_parameters():
+        m = _DECODER_LAYER.match(name)
+        if m:
+            layer = model.language_model.decoder.layers[int(m.group(1))]
+            name = f"language_model.decoder.layers.{layer.layer_number - 1}.{m.group(2)}"
+        yield name, param
+
+
+def is_tp_sharded(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False)) and ps.get_tensor_model_parallel_world_size() > 1
+
+
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the TP-gathered tensor."""
+    shape = list(param.shape)
+    if is_tp_sharded(param):
+        shape[param.partition_dim] *= ps.get_tensor_model_parallel_world_size()
+    return tuple(shape)
+
+
+def tp_slice(full: torch.Tensor, param: torch.Tensor, gated: bool) -> torch.Tensor:
+    """This TP rank's shard of a full tensor (gated: shard r is [gate_r; up_r])."""
+    if not is_tp_sharded(param):
+        return full
+    tp, rank, dim = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(), param.partition_dim
+    if gated:
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def tp_gather(param: torch.Tensor, gated: bool) -> torch.Tensor:
+    """Full tensor from every TP rank's shard (collective over the TP group)."""
+    local = param.detach()
+    if not is_tp_sharded(param):
+        return local
+    tp, dim = ps.get_tensor_model_parallel_world_size(), param.partition_dim
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+    if gated:
+        halves = [p.chunk(2, dim=dim) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(parts, dim=dim)
