@@ -137,6 +137,8 @@ def cmd_convert(args) -> int:
         destroy_parallel()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[r1v3] {args.direction}: {out['tensors']} tensors -> {args.out} in {time.perf_counter() - t0:.1f}s")
+        if "seconds" in out:
+            print("[r1v3] phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in out["seconds"].items()))
     return 0
 
 

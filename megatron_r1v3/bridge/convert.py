@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -137,10 +138,14 @@ def load_hf_into_model(chunks, hf: HFCheckpoint, model: ModelConfig, progress: b
 
 def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, vpp: int | None = None) -> dict:
     """Collective over tp*pp ranks. Returns {'tensors': number of HF tensors converted}."""
+    t = {"start": time.perf_counter()}
     hf = HFCheckpoint(hf_dir)
     model, dtype = hf.model_config(), hf.dtype()
     cfg = _run_config(model, dtype, tp, pp, vpp)
+    from megatron_r1v3.training.checkpoint import save_model
+
     state, chunks = _build(cfg)
+    t["built"] = time.perf_counter()
     err, consumed = None, set()
     try:
         consumed = load_hf_into_model(chunks, hf, model, progress=state.rank == 0)
@@ -156,16 +161,19 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, vpp: int
     agree_on_errors(MappingError(f"unexpected tensor(s) in {hf_dir}: {', '.join(unexpected[:10])}"
                                  + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
                     if unexpected else None)
-    from megatron_r1v3.training.checkpoint import save_model
-
+    t["loaded"] = time.perf_counter()
     with atomic_output_dir(Path(out_dir)) as tmp:
         save_model(chunks, tmp / "model")
+        t["saved"] = time.perf_counter()
         if state.rank == 0:
             meta = {"format": 1, "model": as_dict(model), "dtype": _DTYPE_NAMES[dtype], "source_layout": hf.layout,
                     "source": str(Path(hf_dir).resolve()), "saved_at": {"tp": tp, "pp": pp, "vpp": vpp}}
             (tmp / META).write_text(json.dumps(meta, indent=2))
             copy_assets([*hf.asset_files(), hf.path / "config.json"], tmp / "hf_assets")
-    return {"tensors": len(used)}
+    t["done"] = time.perf_counter()
+    phases = {"init+build": t["built"] - t["start"], "read+transform": t["loaded"] - t["built"],
+              "dist_checkpointing save": t["saved"] - t["loaded"], "finish": t["done"] - t["saved"]}
+    return {"tensors": len(used), "seconds": phases}
 
 
 def read_meta(megatron_dir: str | Path) -> dict:
