@@ -29,12 +29,19 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Until the GRPO issue lands, the demo is the largest thing that exists: real training steps of the tiny VLM at
-# TP2·PP2 (4 processes, megatron-core on gloo), DDP + distributed optimizer, then the 38B parameter table.
+# Until the GRPO issue lands, the demo is the largest thing that exists: cold-start SFT of the tiny VLM on the
+# embedded toy task at TP2 (megatron-core on gloo, DALI decoding), held-out greedy answers, connector-only tuning
+# from that checkpoint, a TP2·PP2 step, then the 38B parameter table.
+DEMO_DIR ?= runs/demo
 demo: $(STAMP)
-	@echo "[demo] megatron_r1v3 today: parallel training steps of the tiny R1V3 VLM (TP2·PP2, CPU/gloo)."
-	@echo "[demo] The full SFT -> GRPO -> connector-tuning recipe replaces this demo when the RL issue lands."
-	$(VENV)/bin/r1v3 train-step examples/tiny_cpu_parallel.yaml
+	@echo "[demo] megatron_r1v3 today: SFT + connector-only tuning of the tiny R1V3 VLM (TP2, CPU/gloo)."
+	@echo "[demo] GRPO with vLLM rollouts and checkpoint selection join this demo when the RL issue lands."
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/r1v3 sft examples/tiny_cpu_sft.yaml output_dir=$(DEMO_DIR)/sft data.toy_dir=$(DEMO_DIR)/toy
+	$(VENV)/bin/r1v3 sft examples/tiny_cpu_sft.yaml output_dir=$(DEMO_DIR)/connector data.toy_dir=$(DEMO_DIR)/toy \
+		train.trainable=connector_only train.steps=30 optimizer.lr=1e-3 checkpoint.load=$(DEMO_DIR)/sft/checkpoints \
+		checkpoint.save_every=0
+	$(VENV)/bin/r1v3 train-step examples/tiny_cpu_parallel.yaml demo.steps=2
 	$(VENV)/bin/r1v3 info --preset r1v3-38b
 
 lint: $(STAMP)

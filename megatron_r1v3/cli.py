@@ -155,6 +155,34 @@ def cmd_compare_hf(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    """Cold-start SFT or connector-only tuning (`train.trainable`) from a recipe."""
+    cfg = _load(args)
+    maybe_relaunch(args.nproc or processes_needed(cfg), sys.argv[1:])
+    from megatron_r1v3.data.records import RecordError
+    from megatron_r1v3.data.sft_dataset import BadSampleError
+    from megatron_r1v3.data.tokenizer import TokenizerError
+    from megatron_r1v3.parallel import destroy_parallel
+    from megatron_r1v3.sft.trainer import run_sft
+
+    try:
+        result = run_sft(cfg)
+    except (RecordError, BadSampleError, TokenizerError) as exc:  # data.strict=true or unusable inputs
+        print(f"r1v3 sft: error: {exc}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        losses = result["losses"]
+        print(f"[sft] done: {result['step']} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+              + (f", val loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
+              + f", skipped {result['skipped'] or 0}; checkpoint {result['checkpoint']}")
+        if result["heldout"]:
+            h = result["heldout"]
+            print(f"[sft] held-out greedy answers: well-formed {h['well_formed']:.0%}, accuracy {h['accuracy']:.0%}"
+                  f" ({len(h['items'])} samples)")
+    destroy_parallel()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r1v3", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-step", help="parallel training steps of the model on random VLM batches")
     _add_config_args(p)
     p.set_defaults(func=cmd_train_step)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning (cold-start SFT / connector-only tuning)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_sft)
 
     conv = sub.add_parser("convert", help="HF <-> Megatron checkpoint conversion").add_subparsers(
         dest="direction", required=True)

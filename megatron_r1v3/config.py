@@ -152,6 +152,61 @@ class OptimizerConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where samples come from and how they are turned into microbatches."""
+
+    train: list[str] = field(default_factory=list)  # JSONL / Parquet files
+    val: list[str] = field(default_factory=list)
+    root: Optional[str] = None  # image paths in JSONL are relative to this (default: the file's folder)
+    tokenizer: Optional[str] = None  # HF tokenizer dir; None = the embedded toy tokenizer (tiny preset)
+    toy_dir: Optional[str] = None  # generate the embedded toy task here when `train` is empty
+    toy_train: int = 512
+    toy_val: int = 64
+    toy_wrong_fraction: float = 0.0  # share of SFT traces that end in a wrong answer (leaves room for RL)
+    decoder: str = "dali"  # dali | pillow
+    decode_threads: int = 2
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+    seq_length: int = 4096
+    pack: bool = False
+    strict: bool = False  # true: a bad sample stops the run; false: skipped, counted, logged with file:line
+
+
+@dataclass
+class TrainConfig:
+    """Supervised fine-tuning loop (cold-start SFT and connector-only tuning)."""
+
+    trainable: str = "full"  # full | connector_only | freeze_vision | comma-separated regexes
+    steps: int = 100  # optimizer steps
+    global_batch_size: int = 64
+    micro_batch_size: int = 1
+    eval_every: int = 50
+    eval_batches: int = 8
+    early_stop_patience: int = 0  # evaluations without val-loss improvement before stopping (0 = off)
+    log_every: int = 1
+    heldout_samples: int = 0  # after training: greedy answers on this many val samples (tiny models; 0 = off)
+
+
+@dataclass
+class CheckpointConfig:
+    """Atomic dist_checkpointing saves with a `latest` pointer; resume restores everything."""
+
+    dir: Optional[str] = None  # default: <output_dir>/checkpoints
+    save_every: int = 0  # steps; 0 = only at the end
+    keep_last: int = 2
+    resume: bool = True  # continue from `latest` when it exists
+    load: Optional[str] = None  # initial weights: a megatron_r1v3 checkpoint dir (converted or trained)
+
+
+@dataclass
+class LoggingConfig:
+    """TensorBoard event files and console progress."""
+
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
 class DemoConfig:
     """Settings of `r1v3 train-step` (the parallel training-step demo)."""
 
@@ -171,6 +226,10 @@ class RunConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 1234
     output_dir: str = "runs/default"
 
@@ -261,9 +320,27 @@ def validate(cfg: RunConfig, world_size: int, te_available: bool = False) -> Run
         errors.append(f"optimizer.name={cfg.optimizer.name!r} must be adam or sgd")
     elif cfg.optimizer.name == "sgd" and cfg.optimizer.use_distributed_optimizer:
         errors.append("optimizer.name='sgd' cannot use optimizer.use_distributed_optimizer=true (megatron: Adam only)")
+    _check_train(cfg, errors)
     if errors:
         raise ConfigError("invalid configuration: " + "; ".join(errors))
     return cfg
+
+
+def _check_train(cfg: RunConfig, errors: list[str]) -> None:
+    t, d = cfg.train, cfg.data
+    dp = cfg.parallel.data if cfg.parallel.data > 0 else 1
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        errors.append(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
+            f"{t.micro_batch_size} x data-parallel size {dp}"
+        )
+    if d.decoder not in ("dali", "pillow"):
+        errors.append(f"data.decoder={d.decoder!r} must be dali or pillow")
+    if d.seq_length > cfg.model.language.max_position_embeddings:
+        errors.append(
+            f"data.seq_length={d.seq_length} > model.language.max_position_embeddings="
+            f"{cfg.model.language.max_position_embeddings}"
+        )
 
 
 def _check_pipeline(cfg: RunConfig, errors: list[str]) -> None:
@@ -302,8 +379,12 @@ def as_dict(cfg: Any) -> dict:
 __all__ = [
     "MISSING",
     "ConfigError",
+    "CheckpointConfig",
     "ConnectorConfig",
+    "DataConfig",
     "DemoConfig",
+    "LoggingConfig",
+    "TrainConfig",
     "LanguageConfig",
     "ModelConfig",
     "OptimizerConfig",

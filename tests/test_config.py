@@ -56,3 +56,10 @@ def test_unknown_key_and_preset_are_named():
         load_config(None, ["parallel.tensr=2"])
     with pytest.raises(ConfigError, match="model.preset='nope'"):
         load_config(None, ["model.preset=nope"])
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in __import__("pathlib").Path("examples").glob("*.yaml")))
+def test_every_example_recipe_loads_and_validates(recipe):
+    cfg = load_config(f"examples/{recipe}")
+    p = cfg.parallel
+    validate(cfg, p.tensor * p.pipeline * p.context * 2, te_available=True)  # DP2; TE assumed for GPU recipes

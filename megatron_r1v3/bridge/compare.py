@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 from megatron_r1v3.bridge.convert import _build, _run_config, read_meta
 from megatron_r1v3.bridge.hf_io import HFCheckpoint
 from megatron_r1v3.bridge.mapping import convert_layout

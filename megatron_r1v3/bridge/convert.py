@@ -20,7 +20,6 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 from megatron_r1v3.bridge.export import iter_hf_tensors
 from megatron_r1v3.bridge.hf_io import (
     HFCheckpoint,

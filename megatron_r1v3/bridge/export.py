@@ -10,7 +10,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 from megatron_r1v3.bridge.mapping import find_rule, to_hf
 from megatron_r1v3.bridge.shard import full_shape, global_named_parameters, tp_gather
 from megatron_r1v3.config import ModelConfig

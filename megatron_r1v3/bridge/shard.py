@@ -10,8 +10,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
-
 _DECODER_LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.(.*)$")
 
 

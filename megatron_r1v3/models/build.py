@@ -9,7 +9,6 @@ from collections import Counter
 import torch
 from megatron.core import parallel_state as ps
 
-import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 from megatron_r1v3.config import RunConfig
 from megatron_r1v3.models.specs import (
     connector_config,

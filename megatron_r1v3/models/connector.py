@@ -14,8 +14,6 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
-
 
 def pixel_shuffle(x: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
     """InternVL `ps_version v2` space-to-depth: [N, W, H, C] -> [N, H*s, W*s, C/s^2] (0.5: 2x2 patches -> 1)."""

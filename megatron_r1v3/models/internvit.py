@@ -16,7 +16,6 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint, sharded_state_dict_default
 
-import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 from megatron_r1v3.config import VisionConfig
 
 
@@ -197,7 +196,7 @@ def dummy_head_mask(vcfg: VisionConfig) -> torch.Tensor:
     """Bool [local_heads]: which of this TP rank's heads are padding."""
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     local = vcfg.padded_heads // tp
-    return torch.arange(rank * local, (rank + 1) * local) >= vcfg.num_heads
+    return torch.arange(rank * local, (rank + 1) * local, device="cpu") >= vcfg.num_heads
 
 
 @torch.no_grad()
@@ -205,9 +204,11 @@ def zero_dummy_heads(vit: InternViT) -> None:
     """Zero every weight that belongs to a padding head so it is inert (and stays inert: its grads are zero)."""
     vcfg = vit.vcfg
     dummy = dummy_head_mask(vcfg)
-    if not bool(dummy.any()):
+    if not bool(dummy.any()) or vit.embeddings.class_embedding.is_meta:  # meta build: nothing to zero
         return
     d = vcfg.head_dim
+    device = vit.embeddings.class_embedding.device
+    dummy = dummy.to(device)
     rows = dummy.repeat_interleave(d)  # [local_heads*d]
     for layer in vit.encoder.layers:
         attn = layer.attn

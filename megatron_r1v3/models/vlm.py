@@ -18,7 +18,6 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 from megatron_r1v3.config import ModelConfig
 from megatron_r1v3.models.connector import Connector
 from megatron_r1v3.models.internvit import InternViT

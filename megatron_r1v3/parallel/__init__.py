@@ -14,9 +14,10 @@ _BENIGN = [
     "`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",  # megatron's c10d calls
     "full scope is deprecated",
     "`torch.jit.script_method` is deprecated",
+    "Please use DTensor instead and we are deprecating ShardedTensor",  # torch DCP inside dist_checkpointing
 ]
-if not torch.cuda.is_available():  # expected fallbacks on CPU machines
-    _BENIGN += [".*(Transformer Engine and Apex are|Apex is) not installed"]
+if not torch.cuda.is_available():  # expected fallbacks on CPU machines; GPU-only advice
+    _BENIGN += [".*(Transformer Engine and Apex are|Apex is) not installed", "When using async grad allreduce"]
 for _pattern in _BENIGN:
     warnings.filterwarnings("ignore", message=_pattern)
 

@@ -66,6 +66,8 @@ def init_parallel(cfg: RunConfig) -> ParallelState:
     env = detect_launch_env(cfg.parallel.launcher)
     validate(cfg, env.world_size, te_available())
     backend = _backend(cfg.parallel.backend)
+    # megatron's TP communication/compute overlap relies on one hardware queue (set before the CUDA context).
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if backend == "nccl" and torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
     if not dist.is_initialized():

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 
-import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 from megatron_r1v3.parallel.phase import set_phase
 
 

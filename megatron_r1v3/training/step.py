@@ -15,7 +15,6 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-import megatron_r1v3.parallel  # noqa: F401  (CPU shim before megatron-core)
 from megatron_r1v3.models.vlm import gather_logits
 from megatron_r1v3.parallel.phase import set_phase
 
@@ -108,3 +107,26 @@ def forward_logits(chunks, microbatches: list[dict], vocab_size: int) -> list[to
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return [o["logits"] for o in outputs]
+
+
+@torch.no_grad()
+def eval_loss(chunks, microbatches: list[dict], loss_fn=token_loss) -> float:
+    """Mean masked token loss over microbatches (forward only), known on every rank."""
+    b, s = _shape(microbatches)
+    for c in chunks:
+        c.eval()
+    outputs = get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, loss_fn=loss_fn),
+        data_iterator=_iterators(microbatches, len(chunks)),
+        model=chunks,
+        num_microbatches=len(microbatches),
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=True,
+    )
+    for c in chunks:
+        c.train()
+    loss = 0.0
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        loss = float(torch.stack([o["loss"] for o in outputs]).mean())
+    return broadcast_from_last_stage(loss)

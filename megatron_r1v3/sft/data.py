@@ -1,0 +1,76 @@
+"""Where an SFT/eval run's samples and tokenizer come from, and the per-rank microbatch iterators over them.
+
+With no `data.train` files the embedded toy task is generated (rank 0, deterministic) into `data.toy_dir`; with no
+`data.tokenizer` the toy tokenizer is built next to it. Every rank then reads the same files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_r1v3.config import RunConfig
+from megatron_r1v3.data.sft_dataset import SFTBatchIterator
+from megatron_r1v3.data.tiling import TilingConfig
+from megatron_r1v3.data.tokenizer import check_special_ids, load_tokenizer, toy_tokenizer
+
+
+@dataclass
+class DataSources:
+    """Resolved inputs of a run (identical on every rank)."""
+
+    train: list[str]
+    val: list[str]
+    root: str | None
+    tokenizer_dir: Path
+    tokenizer: object
+
+
+def tiling_for(cfg: RunConfig) -> TilingConfig:
+    """The tiling every consumer of this model uses (tile size = the ViT's input size)."""
+    return TilingConfig(tile_size=cfg.model.vision.image_size, max_tiles=cfg.data.max_tiles,
+                        use_thumbnail=cfg.data.use_thumbnail)
+
+
+def prepare_data(cfg: RunConfig, state) -> DataSources:
+    """Generate the toy task / toy tokenizer if the config asks for them (rank 0), then load on every rank."""
+    d = cfg.data
+    toy_dir = Path(d.toy_dir or Path(cfg.output_dir) / "toy_data")
+    train, val, root = list(d.train), list(d.val), d.root
+    if state.rank == 0:
+        if not train:
+            _generate_toy(cfg, toy_dir)
+        if d.tokenizer is None:
+            toy_tokenizer(toy_dir.parent / "tokenizers")
+    if dist.is_initialized():
+        dist.barrier()
+    if not train:
+        train, val, root = [str(toy_dir / "train.jsonl")], [str(toy_dir / "val.jsonl")], str(toy_dir)
+    tok_dir = Path(d.tokenizer) if d.tokenizer else toy_tokenizer(toy_dir.parent / "tokenizers")
+    tokenizer = load_tokenizer(tok_dir)
+    check_special_ids(tokenizer, cfg.model)
+    return DataSources(train, val, root, tok_dir, tokenizer)
+
+
+def _generate_toy(cfg: RunConfig, toy_dir: Path) -> None:
+    from megatron_r1v3.data.synthetic import generate_toy_dataset
+
+    if (toy_dir / "train.jsonl").is_file() and (toy_dir / "val.jsonl").is_file():
+        return
+    d = cfg.data
+    generate_toy_dataset(toy_dir, n_train=d.toy_train, n_val=d.toy_val, seed=cfg.seed,
+                         image_size=cfg.model.vision.image_size, wrong_fraction=d.toy_wrong_fraction)
+
+
+def make_iterator(sources: DataSources, cfg: RunConfig, state, split: str) -> SFTBatchIterator:
+    """This DP rank's fixed-shape microbatches: endless shuffled epochs for `train`, one ordered pass for `val`."""
+    train = split == "train"
+    return SFTBatchIterator.from_files(
+        sources.train if train else sources.val, sources.tokenizer, root=sources.root, strict=cfg.data.strict,
+        tiling=tiling_for(cfg), tokens_per_tile=cfg.model.tokens_per_tile, seq_length=cfg.data.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size, decoder=cfg.data.decoder, pack=cfg.data.pack and train,
+        seed=cfg.seed, shuffle=train, dp_rank=state.dp_rank, dp_size=state.dp, num_epochs=None if train else 1,
+        decode_threads=cfg.data.decode_threads,
+    )

@@ -1,0 +1,48 @@
+"""Run logging: TensorBoard event files (rank 0) and one console line per logged step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.distributed as dist
+
+
+class RunLogger:
+    """Writes scalars to TensorBoard under `<dir>/tensorboard` and, exactly (repr floats), to `<dir>/metrics.jsonl`
+    (appended across resumes); prints a compact line. Silent off rank 0."""
+
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, prefix: str = "train"):
+        self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        self.prefix, self.writer, self.jsonl = prefix, None, None
+        if self.rank0:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(Path(out_dir) / "metrics.jsonl", "a")
+        if self.rank0 and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+
+    def scalars(self, step: int, values: dict[str, float], group: str | None = None, echo: bool = True) -> None:
+        if not self.rank0:
+            return
+        group = group or self.prefix
+        self.jsonl.write(json.dumps({"group": group, "step": step, **values}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{group}/{key}", value, step)
+        if echo:
+            text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+            print(f"[{group}] step {step}  {text}", flush=True)
+
+    def text(self, message: str) -> None:
+        if self.rank0:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
