@@ -88,6 +88,7 @@ class _Ready:
     source: str
     encoded: EncodedSample
     tiles: torch.Tensor  # [n_tiles, 3, S, S]
+    n_images: int = 0
 
 
 @dataclass
@@ -221,7 +222,7 @@ class SFTBatchIterator:
         except ValueError as exc:
             return _Skip(position, sample.source, "bad_text", str(exc))
         empty = torch.empty(0, 3, self.tiling.tile_size, self.tiling.tile_size)
-        return _Ready(position, sample.source, encoded, torch.cat(tiles) if tiles else empty)
+        return _Ready(position, sample.source, encoded, torch.cat(tiles) if tiles else empty, len(tiles))
 
     def _chunk(self, positions: list[int]) -> list[_Ready | _Skip]:
         """Prepare consecutive stream positions, decoding all their images in one decoder call."""
@@ -359,7 +360,7 @@ def collate_rows(
     starts: list[int] = []
     tiles: list[torch.Tensor] = []
     sources: list[str] = []
-    n_image = 0
+    n_image, n_images = 0, 0
     for r in range(b):
         offset = 0
         for item in rows[r] if r < len(rows) else []:
@@ -374,6 +375,7 @@ def collate_rows(
                 tiles.append(item.tiles)
             sources.append(item.source)
             n_image += enc.n_image_tokens
+            n_images += item.n_images
         if offset < s:
             starts.append(r * s + offset)  # the padding tail is its own segment; its positions just count on
     bounds = starts + [b * s]
@@ -388,6 +390,7 @@ def collate_rows(
         "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
         "max_seqlen": max(hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])),
         "num_samples": len(sources),
+        "num_images": n_images,
         "num_tiles": int(pixel_values.shape[0]),
         "num_image_tokens": n_image,
         "num_loss_tokens": int(loss_mask.sum().item()),

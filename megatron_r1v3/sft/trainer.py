@@ -76,7 +76,8 @@ def run_sft(cfg: RunConfig) -> dict:
             step, extra = resumed
             train_iter.load_state_dict(extra["data"])
 
-    log = RunLogger(out, cfg.logging.tensorboard, prefix="sft")
+    log = RunLogger(out, cfg.logging.tensorboard, prefix="sft", progress_total=cfg.train.steps if
+                    cfg.logging.progress else None, progress_start=step)
     log.text(f"[sft] {cfg.train.trainable}: {trainable['trainable']:,} trainable / {trainable['frozen']:,} frozen"
              f" parameters on rank 0; TP{state.tp}·PP{state.pp}·DP{state.dp}; starting at step {step}")
     n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * state.dp)
@@ -90,12 +91,13 @@ def run_sft(cfg: RunConfig) -> dict:
         scheduler.step(increment=1)
         seconds = time.perf_counter() - t0
         losses.append(metrics["loss"])
+        log.advance(loss=metrics["loss"])
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             tokens = sum(float(b["loss_mask"].sum()) for b in batches) * state.dp
-            tiles = sum(int(b["pixel_values"].shape[0]) for b in batches if "pixel_values" in b) * state.dp
+            images = sum(b.get("num_images", 0) for b in batches) * state.dp
             log.scalars(step, {
                 "loss": metrics["loss"], "lr": optimizer.param_groups[0]["lr"], "grad_norm": metrics["grad_norm"],
-                "tokens_per_s": tokens / seconds, "tiles_per_s": tiles / seconds,
+                "tokens_per_s": tokens / seconds, "images_per_s": images / seconds,
                 "skipped_samples": float(sum(train_iter.stats.skipped.values())
                                          + sum(train_iter.stats.skipped_records.values())),
             })

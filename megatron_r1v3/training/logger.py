@@ -12,9 +12,14 @@ class RunLogger:
     """Writes scalars to TensorBoard under `<dir>/tensorboard` and, exactly (repr floats), to `<dir>/metrics.jsonl`
     (appended across resumes); prints a compact line. Silent off rank 0."""
 
-    def __init__(self, out_dir: str | Path, tensorboard: bool = True, prefix: str = "train"):
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, prefix: str = "train",
+                 progress_total: int | None = None, progress_start: int = 0):
         self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        self.prefix, self.writer, self.jsonl = prefix, None, None
+        self.prefix, self.writer, self.jsonl, self.bar = prefix, None, None, None
+        if self.rank0 and progress_total:
+            from tqdm import tqdm  # on stderr; the logged lines stay on stdout
+
+            self.bar = tqdm(total=progress_total, initial=progress_start, desc=prefix, unit="step", leave=False)
         if self.rank0:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             self.jsonl = open(Path(out_dir) / "metrics.jsonl", "a")
@@ -36,11 +41,19 @@ class RunLogger:
             text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
             print(f"[{group}] step {step}  {text}", flush=True)
 
+    def advance(self, **postfix: float) -> None:
+        """One step done (progress bar)."""
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
     def text(self, message: str) -> None:
         if self.rank0:
             print(message, flush=True)
 
     def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
         if self.jsonl is not None:
             self.jsonl.close()
         if self.writer is not None:
