@@ -11,7 +11,7 @@ EXTRAS ?= test,data
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo lint clean slurm-deps
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,15 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Debian's Slurm + munge for tests/test_slurm.py (a real one-node cluster); needs root and Debian's registry, and
+# the test skips with the reason when they are missing.
+slurm-deps:
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
+	else echo "slurm-deps: not root or no apt-get: the Slurm tests will be skipped"; fi
+
+test: $(STAMP) slurm-deps
 	$(PY) -m pytest -q
 
 # Until the GRPO issue lands, the demo is the largest thing that exists: cold-start SFT of the tiny VLM on the

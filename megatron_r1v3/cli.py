@@ -28,6 +28,13 @@ def _load(args) -> RunConfig:
     return load_config(config, overrides)
 
 
+def _is_rank0() -> bool:
+    """Rank 0 of the job under torchrun or srun (or a single process)."""
+    from megatron_r1v3.parallel.env import detect_launch_env
+
+    return detect_launch_env().rank == 0
+
+
 def processes_needed(cfg: RunConfig) -> int:
     """tensor × pipeline × context × data (data=-1 counts as 1)."""
     p = cfg.parallel
@@ -135,7 +142,7 @@ def cmd_convert(args) -> int:
         return 1
     finally:
         destroy_parallel()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_rank0():
         print(f"[r1v3] {args.direction}: {out['tensors']} tensors -> {args.out} in {time.perf_counter() - t0:.1f}s")
         if "seconds" in out:
             print("[r1v3] phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in out["seconds"].items()))
@@ -150,7 +157,7 @@ def cmd_compare_hf(args) -> int:
 
     diff = compare_hf(args.hf, args.megatron, args.tp, args.pp, args.image, args.prompt)
     destroy_parallel()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_rank0():
         print(f"max_abs_logit_diff={diff:.6g}")
     return 0
 
@@ -170,8 +177,10 @@ def cmd_sft(args) -> int:
     except (RecordError, BadSampleError, TokenizerError) as exc:  # data.strict=true or unusable inputs
         print(f"r1v3 sft: error: {exc}", file=sys.stderr)
         return 1
-    if int(os.environ.get("RANK", "0")) == 0:
-        losses = result["losses"]
+    if _is_rank0() and result["preempted"]:
+        print(f"[sft] preempted: checkpoint at step {result['step']} in {result['checkpoint']}; requeue to resume")
+    elif _is_rank0():
+        losses = result["losses"] or [float("nan")]
         print(f"[sft] done: {result['step']} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
               + (f", val loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
               + f", skipped {result['skipped'] or 0}; checkpoint {result['checkpoint']}")

@@ -18,6 +18,7 @@ from megatron_r1v3.training.checkpoint import load_model
 from megatron_r1v3.training.freeze import apply_trainable
 from megatron_r1v3.training.logger import RunLogger
 from megatron_r1v3.training.optimizer import build_optimizer, wrap_ddp
+from megatron_r1v3.training.preemption import PreemptionWatch, clear_marker, mark_preempted
 from megatron_r1v3.training.resume import load_checkpoint, save_checkpoint
 from megatron_r1v3.training.scheduler import build_scheduler
 from megatron_r1v3.training.step import eval_loss, train_step
@@ -82,6 +83,8 @@ def run_sft(cfg: RunConfig) -> dict:
              f" parameters on rank 0; TP{state.tp}·PP{state.pp}·DP{state.dp}; starting at step {step}")
     n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * state.dp)
     losses, best, stale, val = [], float("inf"), 0, None
+    clear_marker(out)
+    watch, preempted = PreemptionWatch(), False
     while step < cfg.train.steps:
         step += 1
         set_phase(f"sft step {step}")
@@ -112,10 +115,17 @@ def run_sft(cfg: RunConfig) -> dict:
         if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.train.steps:
             save_checkpoint(ckpt_root, step, chunks, optimizer, scheduler, {"data": train_iter.state_dict()},
                             cfg.checkpoint.keep_last)
+        if watch.requested():
+            log.text(f"[sft] preemption signal: checkpointing step {step} and exiting for requeue")
+            preempted = True
+            break
     save_checkpoint(ckpt_root, step, chunks, optimizer, scheduler, {"data": train_iter.state_dict()},
                     cfg.checkpoint.keep_last)
+    watch.restore()
+    if preempted:
+        mark_preempted(out, step)
     heldout = None
-    if cfg.train.heldout_samples and sources.val:
+    if cfg.train.heldout_samples and sources.val and not preempted:
         from megatron_r1v3.sft.heldout import heldout_answers
 
         heldout = heldout_answers(chunks, cfg, sources, limit=cfg.train.heldout_samples)
@@ -125,5 +135,6 @@ def run_sft(cfg: RunConfig) -> dict:
     dist.barrier()
     skipped = dict(train_iter.stats.skipped + train_iter.stats.skipped_records)
     return {"losses": losses, "step": step, "val_loss": val, "skipped": skipped, "heldout": heldout,
+            "preempted": preempted,
             "checkpoint": str(ckpt_root), "tokenizer": str(sources.tokenizer_dir), "chunks": chunks}
 

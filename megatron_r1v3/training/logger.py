@@ -19,7 +19,8 @@ class RunLogger:
         if self.rank0 and progress_total:
             from tqdm import tqdm  # on stderr; the logged lines stay on stdout
 
-            self.bar = tqdm(total=progress_total, initial=progress_start, desc=prefix, unit="step", leave=False)
+            self.bar = tqdm(total=progress_total, initial=progress_start, desc=prefix, unit="step", leave=False,
+                            disable=None)  # None: only on a terminal, not in log files
         if self.rank0:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             self.jsonl = open(Path(out_dir) / "metrics.jsonl", "a")
