@@ -1,0 +1,1 @@
+"""Rollout: vLLM engine wrapper, model directory export and Megatron -> vLLM weight push."""

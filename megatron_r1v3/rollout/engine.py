@@ -1,0 +1,198 @@
+"""The rollout engine: vLLM in-process, colocated with the trainer; samples with logprobs, scores fixed responses.
+
+Prompts are token ids in the vLLM form (ONE `<IMG_CONTEXT>` per image, see `data.template`) plus decoded RGB PIL
+images; vLLM's InternVL processor tiles each image and expands its placeholder, exactly like `expand_image_tokens`.
+The engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): starting takes seconds and weights can be handed
+over as tensors (`refit.push_weights`). On CPU `TORCH_COMPILE_DISABLE=1` avoids a g++ kernel compile the first time
+logprobs are asked for. Sleep mode (freeing weights / KV cache between rollouts) exists only on GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCH_COMPILE_DISABLE": "1"}
+log = logging.getLogger(__name__)
+
+Prompt = tuple[Sequence[int], Sequence["object"]]  # (prompt ids in vLLM form, PIL images)
+
+
+@dataclass
+class Sample:
+    """One generated response: token ids, text, the sampled tokens' logprobs, and why it stopped."""
+
+    prompt_index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str | None
+    prompt_token_ids: list[int] = field(default_factory=list)  # after vLLM's image expansion
+
+
+def _set_env() -> None:
+    """In-process engine and no torch.compile; must happen before vLLM is imported."""
+    for key, value in _ENV.items():
+        os.environ.setdefault(key, value)
+    if os.environ.get("TORCH_COMPILE_DISABLE") == "1":
+        import torch._dynamo
+
+        torch._dynamo.config.disable = True  # torch read the env var at import time, which may have been earlier
+
+
+@contextlib.contextmanager
+def torch_distributed_registry(registry: object | None = None) -> Iterator[object]:
+    """Swap torch.distributed's process-group registry (a fresh one by default) for the duration; yields it.
+
+    An in-process vLLM joins whatever default process group exists; in a trainer rank that is the trainer's world
+    (4 ranks at TP2·PP2), and vLLM's own group set-up then waits for ranks that never start an engine. In a fresh
+    registry vLLM builds its private one-rank world; the trainer's registry comes back afterwards (and a trainer that
+    initialises torch.distributed later is not blocked by vLLM's default group). vLLM at world size 1 short-circuits
+    its collectives, so its groups are needed again only to tear them down (`RolloutEngine.close`).
+    """
+    import torch.distributed.distributed_c10d as c10d
+
+    saved = c10d._world
+    c10d._world = registry if registry is not None else c10d._World()
+    try:
+        yield c10d._world
+    finally:
+        c10d._world = saved
+
+
+def _shutdown_core(core, registry: object) -> None:
+    with torch_distributed_registry(registry):
+        core.shutdown()
+
+
+class RolloutEngine:
+    """A vLLM `LLM` over a directory from `hf_export.write_vllm_model_dir`; weights are replaced by `refit`."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        max_model_len: int,
+        seed: int = 0,
+        dtype: str = "float32",
+        max_images_per_prompt: int = 4,
+        kv_cache_bytes: int = 256 * 2**20,
+        gpu_memory_utilization: float = 0.5,
+        logprobs_mode: str = "raw_logprobs",
+        enable_sleep_mode: bool | None = None,
+        max_num_seqs: int = 64,
+    ):
+        _set_env()
+        from vllm import LLM
+
+        self.on_gpu = torch.cuda.is_available()
+        self.sleep_enabled = self.on_gpu if enable_sleep_mode is None else (enable_sleep_mode and self.on_gpu)
+        self.asleep = False
+        kwargs = dict(gpu_memory_utilization=gpu_memory_utilization) if self.on_gpu else dict(
+            kv_cache_memory_bytes=kv_cache_bytes)
+        start = time.perf_counter()
+        with torch_distributed_registry() as self._registry:
+            self.llm = LLM(
+                model=str(model_dir), dtype=dtype, seed=seed, enforce_eager=True, max_model_len=max_model_len,
+                limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0}, logprobs_mode=logprobs_mode,
+                enable_sleep_mode=self.sleep_enabled, max_num_seqs=max_num_seqs, **kwargs,
+            )
+        self.start_seconds = time.perf_counter() - start
+        self.tokenizer = self.llm.get_tokenizer()
+        self._finalizer = None
+        client = self.llm.llm_engine.engine_core  # in-process client: tear down inside vLLM's own registry
+        vllm_finalizer = getattr(client, "_finalizer", None)
+        if vllm_finalizer is not None and vllm_finalizer.detach() is not None:
+            self._finalizer = weakref.finalize(self, _shutdown_core, client.engine_core, self._registry)
+
+    def close(self) -> None:
+        """Shut the engine down (also done at exit); the object is unusable afterwards."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    @staticmethod
+    def _inputs(prompt_ids: Sequence[int], images: Sequence[object]) -> dict:
+        request: dict = {"prompt_token_ids": [int(t) for t in prompt_ids]}
+        if images:
+            request["multi_modal_data"] = {"image": list(images)}
+        return request
+
+    def generate(
+        self, prompts: Sequence[Prompt], n: int = 1, temperature: float = 1.0, max_tokens: int = 256,
+        top_p: float = 1.0, seed: int | None = None, stop_token_ids: Sequence[int] | None = None,
+    ) -> list[list[Sample]]:
+        """`n` samples per prompt (outer list = prompts), each with the logprob of every sampled token."""
+        from vllm import SamplingParams
+
+        self._awake("generate")
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
+                                seed=seed, stop_token_ids=list(stop_token_ids or []))
+        outputs = self.llm.generate([self._inputs(ids, imgs) for ids, imgs in prompts], params, use_tqdm=False)
+        result = []
+        for index, out in enumerate(outputs):
+            samples = []
+            for comp in out.outputs:
+                lps = [float(step[tok].logprob) for tok, step in zip(comp.token_ids, comp.logprobs or [])]
+                samples.append(Sample(index, list(comp.token_ids), comp.text, lps, comp.finish_reason,
+                                      list(out.prompt_token_ids or [])))
+            result.append(samples)
+        return result
+
+    def score(self, prompt_ids: Sequence[int], images: Sequence[object], response_ids: Sequence[int]) -> list[float]:
+        """Logprob of each given response token after the prompt (vLLM prompt_logprobs; no sampling involved)."""
+        return self.score_many([(prompt_ids, images, response_ids)])[0]
+
+    def score_many(self, items: Sequence[tuple[Sequence[int], Sequence[object], Sequence[int]]]) -> list[list[float]]:
+        """`score` for several (prompt ids, images, response ids) in one batched call."""
+        from vllm import SamplingParams
+
+        self._awake("score")
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        requests = [self._inputs(list(p) + list(r), imgs) for p, imgs, r in items]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        result = []
+        for (_, _, response), out in zip(items, outputs):
+            ids, steps = out.prompt_token_ids, out.prompt_logprobs
+            k = len(response)
+            if list(ids[len(ids) - k :]) != [int(t) for t in response]:
+                raise RuntimeError("vLLM changed the response tokens while processing the prompt")
+            result.append([float(step[tok].logprob) for tok, step in zip(ids[-k:], steps[-k:])])
+        return result
+
+    def expanded_prompt(self, prompt_ids: Sequence[int], images: Sequence[object]) -> list[int]:
+        """The prompt ids after vLLM's image processing (one `<IMG_CONTEXT>` per image token)."""
+        from vllm import SamplingParams
+
+        out = self.llm.generate([self._inputs(prompt_ids, images)], SamplingParams(max_tokens=1), use_tqdm=False)
+        return list(out[0].prompt_token_ids)
+
+    def reset_caches(self) -> None:
+        """Forget everything derived from the old weights: prefix KV blocks and encoder (image) outputs."""
+        self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+
+    def sleep(self, level: int = 1) -> None:
+        """GPU: free KV cache (and offload weights at level 1) for the trainer. CPU: no-op (no sleep mode there)."""
+        if not self.sleep_enabled:
+            log.debug("vLLM sleep mode is GPU-only; sleep() is a no-op here")
+            return
+        self.llm.sleep(level=level)
+        self.asleep = True
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """GPU: bring back weights and/or KV cache (`tags` = ["weights"], ["kv_cache"] or None for both)."""
+        if not self.sleep_enabled:
+            return
+        self.llm.wake_up(tags=tags)
+        self.asleep = tags is not None and "kv_cache" not in tags
+
+    def _awake(self, what: str) -> None:
+        if self.asleep:
+            raise RuntimeError(f"RolloutEngine.{what}() while asleep: call wake_up() first")
