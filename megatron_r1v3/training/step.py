@@ -56,22 +56,36 @@ def broadcast_from_last_stage(value: float) -> float:
     return float(t.item())
 
 
+def run_schedule(chunks, microbatches: list[dict], loss_fn, forward_only: bool) -> list[dict]:
+    """megatron's pipeline schedule over all microbatches; returns the loss functions' dicts (last stage only).
+    Forward-only runs switch the chunks to eval mode for the duration."""
+    b, s = _shape(microbatches)
+    if forward_only:
+        for c in chunks:
+            c.eval()
+    try:
+        return get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, loss_fn=loss_fn),
+            data_iterator=_iterators(microbatches, len(chunks)),
+            model=chunks,
+            num_microbatches=len(microbatches),
+            seq_length=s,
+            micro_batch_size=b,
+            forward_only=forward_only,
+        )
+    finally:
+        if forward_only:
+            for c in chunks:
+                c.train()
+
+
 def train_step(ddp_chunks, optimizer, microbatches: list[dict], loss_fn=token_loss) -> dict:
     """Forward/backward over all microbatches (pipelined), DP grad reduce, optimizer step. Returns metrics."""
-    b, s = _shape(microbatches)
     for chunk in ddp_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     set_phase("train_step: forward/backward")
-    outputs = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss_fn=loss_fn),
-        data_iterator=_iterators(microbatches, len(ddp_chunks)),
-        model=ddp_chunks,
-        num_microbatches=len(microbatches),
-        seq_length=s,
-        micro_batch_size=b,
-        forward_only=False,
-    )
+    outputs = run_schedule(ddp_chunks, microbatches, loss_fn, forward_only=False)
     set_phase("train_step: optimizer")
     ok, grad_norm, _ = optimizer.step()
     loss = 0.0
@@ -90,20 +104,7 @@ def _logits_loss(vocab_size: int, batch: dict, logits: torch.Tensor):
 @torch.no_grad()
 def forward_logits(chunks, microbatches: list[dict], vocab_size: int) -> list[torch.Tensor] | None:
     """Full-vocab logits `[b, s, V]` per microbatch on the last pipeline stage (None on other stages)."""
-    b, s = _shape(microbatches)
-    for c in chunks:
-        c.eval()
-    outputs = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss_fn=partial(_logits_loss, vocab_size)),
-        data_iterator=_iterators(microbatches, len(chunks)),
-        model=chunks,
-        num_microbatches=len(microbatches),
-        seq_length=s,
-        micro_batch_size=b,
-        forward_only=True,
-    )
-    for c in chunks:
-        c.train()
+    outputs = run_schedule(chunks, microbatches, partial(_logits_loss, vocab_size), forward_only=True)
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return [o["logits"] for o in outputs]
@@ -112,20 +113,7 @@ def forward_logits(chunks, microbatches: list[dict], vocab_size: int) -> list[to
 @torch.no_grad()
 def eval_loss(chunks, microbatches: list[dict], loss_fn=token_loss) -> float:
     """Mean masked token loss over microbatches (forward only), known on every rank."""
-    b, s = _shape(microbatches)
-    for c in chunks:
-        c.eval()
-    outputs = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss_fn=loss_fn),
-        data_iterator=_iterators(microbatches, len(chunks)),
-        model=chunks,
-        num_microbatches=len(microbatches),
-        seq_length=s,
-        micro_batch_size=b,
-        forward_only=True,
-    )
-    for c in chunks:
-        c.train()
+    outputs = run_schedule(chunks, microbatches, loss_fn, forward_only=True)
     loss = 0.0
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         loss = float(torch.stack([o["loss"] for o in outputs]).mean())
