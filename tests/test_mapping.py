@@ -66,13 +66,16 @@ def test_transforms_round_trip_exactly_with_padding(layout):
 
 
 def test_gqa_grouping_matches_megatron_layout():
-    model = tiny()  # 4 query heads, 2 KV groups, head dim 16
-    q, k, v = (torch.arange(n * 64, dtype=torch.float32).view(n, 64) + off for n, off in
-               ((64, 0), (32, 10_000), (32, 20_000)))
+    model = tiny()  # 4 query heads in 2 KV groups
+    lm = model.language
+    d, h, r = lm.head_dim, lm.hidden_size, lm.num_heads // lm.num_kv_heads
+    q, k, v = (torch.arange(n * d * h, dtype=torch.float32).view(n * d, h) + off
+               for n, off in ((lm.num_heads, 0), (lm.num_kv_heads, 1e6), (lm.num_kv_heads, 2e6)))
     rule, _ = find_rule("language_model.decoder.layers.0.self_attention.linear_qkv.weight")
     full = rule.transform.to_megatron([q, k, v], model)
-    group0 = full[:64]  # q heads 0-1 (32 rows), k head 0 (16), v head 0 (16)
-    assert torch.equal(group0[:32], q[:32]) and torch.equal(group0[32:48], k[:16]) and torch.equal(group0[48:], v[:16])
+    group0 = full[: (r + 2) * d]  # group 0 = query heads 0..r-1, then key head 0, then value head 0
+    assert torch.equal(group0[: r * d], q[: r * d])
+    assert torch.equal(group0[r * d : (r + 1) * d], k[:d]) and torch.equal(group0[(r + 1) * d :], v[:d])
 
 
 def test_unknown_names_are_named():

@@ -19,7 +19,7 @@ def tiny() -> ModelConfig:
     """Same architecture, toy widths: 56 px tiles, 4 image tokens per tile, 4 decoder layers, 1000-token vocab.
 
     The vocab size is deliberately not a multiple of 128 (exercises padding); ids of the special tokens match the
-    tiny tokenizer built for the toy task.
+    tiny tokenizer built for the toy task. Decoder head dim 32: vLLM's CPU attention needs >= 32.
     """
     return ModelConfig(
         preset="tiny",
@@ -29,7 +29,7 @@ def tiny() -> ModelConfig:
         ),
         connector=ConnectorConfig(),
         language=LanguageConfig(
-            num_layers=4, hidden_size=64, ffn_hidden_size=160, num_heads=4, num_kv_heads=2, vocab_size=1000,
+            num_layers=4, hidden_size=128, ffn_hidden_size=256, num_heads=4, num_kv_heads=2, vocab_size=1000,
             max_position_embeddings=4096,
         ),
         pad_token_id=0,

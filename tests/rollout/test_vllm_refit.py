@@ -19,8 +19,8 @@ except Exception as exc:  # ImportError, or a broken install (torchvision CUDA w
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.skipif(bool(_NO_VLLM), reason=_NO_VLLM or "ok")]
 
-# head_dim 32: vLLM's CPU attention supports head sizes 32, 64, 80, ... but the tiny preset has 16.
-OVERRIDES = ["model.preset=tiny", "model.language.hidden_size=128", "parallel.tensor=2", "parallel.pipeline=2"]
+# the tiny preset's decoder head dim is 32: vLLM's CPU attention supports head sizes 32, 64, 80, ...
+OVERRIDES = ["model.preset=tiny", "parallel.tensor=2", "parallel.pipeline=2"]
 MAX_TILES = 6
 DROPPED = "model.language_model.layers.1.self_attn.k_proj.weight"
 DUPLICATED = "model.vision_tower.encoder.layer.0.mlp.fc1.bias"
