@@ -37,7 +37,8 @@ def test_four_ranks_tp2_pp2_logits_and_tp2_dp2_optimizer_step(workdir):
     sgd, adam = result["sgd_tp2_dp2"], result["adam_tp2_dp2"]
     assert sgd["update_ok"] and sgd["loss"] > 0 and sgd["grad_norm"] > 0
     assert sgd["max_param_diff"] <= 1e-6, sgd
-    # Adam's first step is ~lr*sign(g): fp32 reduction-order noise near g=0 is amplified (platform.md: 8e-5).
-    assert adam["max_param_diff"] <= 5e-5, adam  # measured 3.5e-6
+    # Adam's first step is ~lr*sign(g): fp32 reduction-order noise near g=0 is amplified (platform.md saw 8e-5 on
+    # this machine kind; measured here 2.4e-5). SGD above is the tight equality check; this bound is 0.1*lr.
+    assert adam["max_param_diff"] <= 1e-4, adam
     pipelined = result["adam_tp2_pp2"]
-    assert abs(pipelined["loss"] - adam["loss"]) <= 1e-5 and pipelined["max_param_diff"] <= 5e-5, pipelined
+    assert abs(pipelined["loss"] - adam["loss"]) <= 1e-5 and pipelined["max_param_diff"] <= 1e-4, pipelined
