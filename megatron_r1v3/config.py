@@ -115,7 +115,6 @@ class ParallelConfig:
     decoder_layers_in_first_stage: Optional[int] = None
     backend: str = "auto"  # auto | nccl | gloo
     launcher: str = "auto"  # auto | torchrun | slurm | none
-    nproc: int = 1  # processes to launch when not already under torchrun/srun
     timeout_s: int = 600
 
 

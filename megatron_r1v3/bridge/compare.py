@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_r1v3.bridge.convert import _build, _run_config, read_meta
+from megatron_r1v3.bridge.convert import build_for_conversion, conversion_run_config, read_meta
 from megatron_r1v3.bridge.hf_io import HFCheckpoint
 from megatron_r1v3.bridge.mapping import convert_layout
 from megatron_r1v3.config import ModelConfig
@@ -67,8 +67,8 @@ def compare_hf(hf_dir: str, megatron_dir: str, tp: int = 1, pp: int = 1, image: 
 
     meta = read_meta(megatron_dir)
     model = meta["model"]
-    cfg = _run_config(model, torch.float32, tp, pp, None)
-    _, chunks = _build(cfg)
+    cfg = conversion_run_config(model, torch.float32, tp, pp, None)
+    _, chunks = build_for_conversion(cfg)
     load_model(chunks, Path(megatron_dir) / "model")
     ids, pixels = build_inputs(model, Path(hf_dir), image, prompt)
     vocab = model.language.vocab_size

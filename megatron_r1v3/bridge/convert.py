@@ -91,7 +91,8 @@ def atomic_output_dir(out: Path):
     _barrier()
 
 
-def _run_config(model: ModelConfig, dtype: torch.dtype, tp: int, pp: int, vpp: int | None) -> RunConfig:
+def conversion_run_config(model: ModelConfig, dtype: torch.dtype, tp: int, pp: int, vpp: int | None) -> RunConfig:
+    """The run config of a conversion/parity job: the checkpoint's model and dtype, local layer spec."""
     return RunConfig(
         model=model,
         parallel=ParallelConfig(tensor=tp, pipeline=pp, virtual_pipeline=vpp),
@@ -99,7 +100,8 @@ def _run_config(model: ModelConfig, dtype: torch.dtype, tp: int, pp: int, vpp: i
     )
 
 
-def _build(cfg: RunConfig):
+def build_for_conversion(cfg: RunConfig):
+    """Init the process groups (exactly tp*pp ranks) and build uninitialised model chunks to be loaded."""
     from megatron_r1v3.models.build import build_model
     from megatron_r1v3.parallel import init_parallel
 
@@ -140,10 +142,10 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, vpp: int
     t = {"start": time.perf_counter()}
     hf = HFCheckpoint(hf_dir)
     model, dtype = hf.model_config(), hf.dtype()
-    cfg = _run_config(model, dtype, tp, pp, vpp)
+    cfg = conversion_run_config(model, dtype, tp, pp, vpp)
     from megatron_r1v3.training.checkpoint import save_model
 
-    state, chunks = _build(cfg)
+    state, chunks = build_for_conversion(cfg)
     t["built"] = time.perf_counter()
     err, consumed = None, set()
     try:
@@ -194,8 +196,8 @@ def megatron_to_hf(
     meta = read_meta(megatron_dir)
     model, dtype = meta["model"], _NAMED_DTYPES[meta["dtype"]]
     layout = layout or meta.get("source_layout") or "native"
-    cfg = _run_config(model, dtype, tp, pp, None)
-    state, chunks = _build(cfg)
+    cfg = conversion_run_config(model, dtype, tp, pp, None)
+    state, chunks = build_for_conversion(cfg)
     load_model(chunks, Path(megatron_dir) / "model")
     assets = Path(megatron_dir) / "hf_assets"
     with atomic_output_dir(Path(out_dir)) as tmp:

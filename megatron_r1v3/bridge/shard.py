@@ -10,18 +10,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_r1v3.models.build import unwrap_model
+
 _DECODER_LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.(.*)$")
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 def global_named_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """Parameters of one model chunk named with global decoder layer indices (PP/VPP offsets applied)."""
-    model = _unwrap(chunk)
+    model = unwrap_model(chunk)
     for name, param in model.named_parameters():
         m = _DECODER_LAYER.match(name)
         if m:

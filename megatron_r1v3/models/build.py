@@ -83,6 +83,13 @@ def mark_tensor_parallel_params(module: torch.nn.Module) -> None:
             tpl.set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
+def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
+    """The R1V3Model inside megatron wrappers (DDP, Float16Module)."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
 def count_parameters(chunks: list[torch.nn.Module]) -> Counter:
     """Parameters per component (`vision_model`, `mlp1`, `language_model`) held by this rank."""
     counts: Counter = Counter()

@@ -7,18 +7,13 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 
+from megatron_r1v3.models.build import unwrap_model
 from megatron_r1v3.parallel.phase import set_phase
 
 
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     """{"model{i}": chunk i's sharded state dict}; keys inside are global (layer numbers include PP/VPP offsets)."""
-    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
+    return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
 def save_model(chunks: list[torch.nn.Module], path: str | Path) -> None:
@@ -35,4 +30,4 @@ def load_model(chunks: list[torch.nn.Module], path: str | Path, strict: bool = T
         raise FileNotFoundError(f"model checkpoint directory {path} does not exist")
     loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(path))
     for i, chunk in enumerate(chunks):
-        _unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=strict)
+        unwrap_model(chunk).load_state_dict(loaded[f"model{i}"], strict=strict)
