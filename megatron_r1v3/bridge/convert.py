@@ -177,6 +177,20 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, vpp: int
     return {"tensors": len(used), "seconds": phases}
 
 
+def write_training_meta(cfg, tokenizer_dir: str | Path, out_dir: str | Path) -> None:
+    """`r1v3_meta.json` + `hf_assets/` (the tokenizer) for a training checkpoint, so `r1v3 convert megatron-to-hf`
+    exports it like a converted one (config.json is derived from the model config; layout native)."""
+    from megatron_r1v3.models.specs import params_dtype
+
+    out = Path(out_dir)
+    meta = {"format": 1, "model": as_dict(cfg.model), "dtype": _DTYPE_NAMES[params_dtype(cfg)],
+            "source_layout": None, "source": "training", "saved_at": {"tp": cfg.parallel.tensor,
+                                                                       "pp": cfg.parallel.pipeline}}
+    (out / META).write_text(json.dumps(meta, indent=2))
+    tok = Path(tokenizer_dir)
+    copy_assets([f for f in sorted(tok.iterdir()) if f.is_file() and f.name != "config.json"], out / "hf_assets")
+
+
 def read_meta(megatron_dir: str | Path) -> dict:
     path = Path(megatron_dir) / META
     if not path.is_file():

@@ -1,11 +1,13 @@
 """Embedded toy task: small drawn images with questions a tiny VLM can learn, deterministic from a seed.
 
-Five templates over a few shapes, colours and digits (drawn with Pillow, no downloads):
+Six templates over a few shapes, colours and digits (drawn with Pillow, no downloads):
 - colour_mc    "What colour is the circle?" with options A-D, answer is the letter;
+- colour_word  the same, answered with the colour word;
 - shape_word   "What shape is shown?" answer is a word;
 - count_number "How many squares are in the image?" (1-6), answer is the number;
 - count_mc     the same with options A-D;
 - digit_number a digit in Pillow's default font, answer is the digit.
+`pretrain_{train,val}.jsonl` caption the same images with the sentence every trace opens with (`pretrain_sample`).
 Every sample has an SFT trace `<think>\\n...\\n</think>\\n\\nThe answer is \\boxed{X}.`; `wrong_fraction` of the
 training traces deliberately reason their way to a wrong answer (the `answer` field stays right), so that RL
 starts from an imperfect SFT model. Each record's `meta` holds the facts the answer follows from.
@@ -30,7 +32,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 195, 20),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-TASKS: tuple[str, ...] = ("colour_mc", "shape_word", "count_number", "count_mc", "digit_number")
+DEFAULT_TASKS: tuple[str, ...] = ("colour_mc", "shape_word", "count_number", "count_mc", "digit_number")
+TASKS: tuple[str, ...] = (*DEFAULT_TASKS, "colour_word")
 BACKGROUND = (255, 255, 255)
 LETTERS = "ABCD"
 MAX_COUNT = 6
@@ -127,9 +130,9 @@ def _count_words(shape: str, n: int) -> str:
 
 def _draw(task: str, size: int, rng: np.random.Generator) -> tuple[Image.Image, dict[str, Any]]:
     """Draw the image of one `task` sample; returns it with the facts the answer follows from."""
-    if task in ("colour_mc", "shape_word", "count_number", "count_mc"):
+    if task in ("colour_mc", "shape_word", "count_number", "count_mc", "colour_word"):
         shape, colour = SHAPES[int(rng.integers(len(SHAPES)))], list(COLOURS)[int(rng.integers(len(COLOURS)))]
-        if task in ("colour_mc", "shape_word"):
+        if task in ("colour_mc", "shape_word", "colour_word"):
             return _one_shape(size, shape, colour, rng), {"shape": shape, "colour": colour}
         count = int(rng.integers(1, MAX_COUNT + 1))
         return _many_shapes(size, shape, colour, count, rng), {"shape": shape, "colour": colour, "count": count}
@@ -137,6 +140,15 @@ def _draw(task: str, size: int, rng: np.random.Generator) -> tuple[Image.Image, 
         digit = int(rng.integers(10))
         return _digit(size, digit, rng), {"digit": digit}
     raise ValueError(f"unknown toy task {task!r}; known: {TASKS}")
+
+
+def describe(facts: dict[str, Any]) -> str:
+    """The opening sentence of every trace and the whole pretraining answer: what the image shows."""
+    if "digit" in facts:
+        return f"The image shows the digit {facts['digit']}."
+    if "count" in facts:
+        return f"The image shows {_count_words(facts['colour'] + ' ' + facts['shape'], int(facts['count']))}."
+    return f"The image shows a {facts['colour']} {facts['shape']}."
 
 
 def _ask(task: str, facts: dict[str, Any], rng: np.random.Generator, correct: bool) -> dict[str, Any]:
@@ -147,14 +159,20 @@ def _ask(task: str, facts: dict[str, Any], rng: np.random.Generator, correct: bo
         options = _options(truth, list(COLOURS), rng)
         said = truth if correct else _wrong(truth, options, rng)
         question = _mc_question(f"What colour is the {shape}?", options)
-        steps = [f"The image shows a single {shape}.", f"Its colour is {said}."]
+        steps = [describe({**facts, "colour": said}), f"Its colour is {said}."]
         steps.append(f"Option {LETTERS[options.index(said)]} is {said}.")
         answer, final = LETTERS[options.index(truth)], LETTERS[options.index(said)]
+    elif task == "colour_word":
+        truth, shape = facts["colour"], facts["shape"]
+        said = truth if correct else _wrong(truth, list(COLOURS), rng)
+        question = f"What colour is the {shape}? Answer with one word."
+        steps = [describe({**facts, "colour": said}), f"Its colour is {said}."]
+        answer, final = truth, said
     elif task == "shape_word":
         truth = facts["shape"]
         said = truth if correct else _wrong(truth, list(SHAPES), rng)
         question = "What shape is shown in the image? Answer with one word."
-        steps = [f"The image shows one {facts['colour']} figure.", f"{_SHAPE_FACTS[said]}, so it is a {said}."]
+        steps = [describe({**facts, "shape": said}), f"{_SHAPE_FACTS[said]}, so it is a {said}."]
         answer, final = truth, said
     elif task in ("count_number", "count_mc"):
         truth, shape = str(facts["count"]), facts["shape"]
@@ -163,7 +181,8 @@ def _ask(task: str, facts: dict[str, Any], rng: np.random.Generator, correct: bo
             options = _options(truth, pool, rng)
         said = truth if correct else _wrong(truth, options or pool, rng)
         stem = f"How many {shape}s are in the image?"
-        steps = [f"I count the {shape}s one by one: {', '.join(str(k) for k in range(1, int(said) + 1))}."]
+        steps = [describe({**facts, "count": int(said)}),
+                 f"I count the {shape}s one by one: {', '.join(str(k) for k in range(1, int(said) + 1))}."]
         steps.append(f"There {'is' if said == '1' else 'are'} {_count_words(shape, int(said))}.")
         if options:
             question = _mc_question(stem, options)
@@ -175,7 +194,7 @@ def _ask(task: str, facts: dict[str, Any], rng: np.random.Generator, correct: bo
         truth = str(facts["digit"])
         said = truth if correct else _wrong(truth, [str(d) for d in range(10)], rng)
         question = "What digit is written in the image? Answer with the digit."
-        steps = ["The image shows a single dark character on a white background.", f"It is the digit {said}."]
+        steps = [describe({"digit": said}), f"It is the digit {said}."]
         answer, final = truth, said
     return {"question": question, "answer": answer, "steps": steps, "final": final, "options": options}
 
@@ -190,6 +209,26 @@ def make_item(task: str, size: int, rng: np.random.Generator, correct: bool) -> 
     meta["trace_answer"] = qa["final"]
     response = format_trace(" ".join(qa["steps"]), qa["final"])
     return image, {"question": qa["question"], "answer": qa["answer"], "response": response, "meta": meta}
+
+
+PRETRAIN_QUESTION = "Describe the image in one sentence."
+
+
+def pretrain_sample(sample: Sample) -> Sample:
+    """The captioning twin of a toy sample: same image, the response is the true `describe` sentence (which every
+    SFT trace also opens with, stating its possibly wrong facts).
+
+    A stand-in for the pretraining a real VLM has before cold-start SFT: in a ~50-token reasoning trace the few
+    tokens that depend on the image carry too little of the loss for a tiny model to learn to see within a CPU
+    demo (measured: held-out accuracy stays at chance); a short caption puts most of the loss there.
+    """
+    m = sample.meta or {}
+    facts = {k: m[k] for k in ("colour", "shape", "count", "digit") if k in m}
+    if m.get("task") in ("colour_mc", "shape_word", "colour_word"):
+        facts.pop("count", None)
+    text = describe(facts)
+    return Sample(images=list(sample.images), image_paths=list(sample.image_paths), id=f"{sample.id}-describe",
+                  question=PRETRAIN_QUESTION, answer=text, response=text, meta={"task": "describe", **facts})
 
 
 def encode_image(image: Image.Image, image_format: str) -> bytes:
@@ -221,7 +260,7 @@ def generate_split(
     image_size: int = 56,
     wrong_fraction: float = 0.0,
     image_format: str = "png",
-    tasks: tuple[str, ...] = TASKS,
+    tasks: tuple[str, ...] = DEFAULT_TASKS,
 ) -> list[Sample]:
     """Draw and save n samples of one split (images under out_dir/images/<split>/); returns the samples.
 
@@ -252,6 +291,7 @@ def generate_toy_dataset(
     wrong_fraction: float = 0.0,
     image_format: str = "png",
     parquet: bool = False,
+    tasks: tuple[str, ...] = DEFAULT_TASKS,
 ) -> ToyDataset:
     """Write train/val JSONL (+ images, + optional Parquet with embedded images) of the toy task.
 
@@ -261,9 +301,10 @@ def generate_toy_dataset(
     root.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path | None] = {}
     for split, n, frac in (("train", n_train, wrong_fraction), ("val", n_val, 0.0)):
-        samples = generate_split(root, split, n, seed, image_size, frac, image_format)
+        samples = generate_split(root, split, n, seed, image_size, frac, image_format, tuple(tasks))
         paths[f"{split}_jsonl"] = root / f"{split}.jsonl"
         write_jsonl(paths[f"{split}_jsonl"], samples)
+        write_jsonl(root / f"pretrain_{split}.jsonl", [pretrain_sample(s) for s in samples])
         if parquet:
             paths[f"{split}_parquet"] = root / f"{split}.parquet"
             write_parquet(paths[f"{split}_parquet"], samples)

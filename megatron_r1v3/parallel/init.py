@@ -126,4 +126,7 @@ def destroy_parallel() -> None:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except ValueError:  # an in-process vLLM engine's shutdown already released the default group's entry
+            pass

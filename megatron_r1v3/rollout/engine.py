@@ -126,14 +126,24 @@ class RolloutEngine:
 
     def generate(
         self, prompts: Sequence[Prompt], n: int = 1, temperature: float = 1.0, max_tokens: int = 256,
-        top_p: float = 1.0, seed: int | None = None, stop_token_ids: Sequence[int] | None = None,
+        top_p: float = 1.0, seed: int | Sequence[int] | None = None, stop_token_ids: Sequence[int] | None = None,
+        banned_token_ids: Sequence[int] | None = None,
     ) -> list[list[Sample]]:
-        """`n` samples per prompt (outer list = prompts), each with the logprob of every sampled token."""
+        """`n` samples per prompt (outer list = prompts), each with the logprob of every sampled token.
+
+        `seed`: one int for all prompts, or one per prompt (vLLM gives the k-th sample of a prompt seed + k), which
+        makes a prompt's samples independent of what else is in the batch. `banned_token_ids` are never sampled
+        (logit bias -100; the logprobs stay the raw model's), e.g. image placeholders that must not appear in a
+        response."""
         from vllm import SamplingParams
 
         self._awake("generate")
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
-                                seed=seed, stop_token_ids=list(stop_token_ids or []))
+        seeds = list(seed) if isinstance(seed, Sequence) else [seed] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        bias = {int(t): -100.0 for t in banned_token_ids or []} or None
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
+                                 seed=s, stop_token_ids=list(stop_token_ids or []), logit_bias=bias) for s in seeds]
         outputs = self.llm.generate([self._inputs(ids, imgs) for ids, imgs in prompts], params, use_tqdm=False)
         result = []
         for index, out in enumerate(outputs):

@@ -22,15 +22,24 @@ from megatron_r1v3.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 LAYOUT = "native"  # the only layout vLLM has a config class for (platform.md)
 
 
-def processor_files(out_dir: Path, model_cfg: ModelConfig, tokenizer_dir: Path, max_tiles: int) -> None:
-    """Write processor_config.json (+ preprocessor / video configs) through transformers' own classes."""
-    from transformers import AutoTokenizer, GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+def make_image_processor(model_cfg: ModelConfig, max_tiles: int):
+    """The image processor vLLM serves our model with; the RL trainer tiles rollout images with this same object,
+    so the pixels it trains on are the pixels the rollout engine saw (transformers' bicubic resize differs from
+    our Pillow tiling by a few grey levels)."""
+    from transformers import GotOcr2ImageProcessor
 
     size = {"height": model_cfg.vision.image_size, "width": model_cfg.vision.image_size}
-    norm = dict(image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
-    image = GotOcr2ImageProcessor(size=size, crop_size=size, crop_to_patches=True, min_patches=1,
-                                  max_patches=max_tiles, **norm)
-    video = InternVLVideoProcessor(size=size, **norm)
+    return GotOcr2ImageProcessor(size=size, crop_size=size, crop_to_patches=True, min_patches=1,
+                                 max_patches=max_tiles, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+
+
+def processor_files(out_dir: Path, model_cfg: ModelConfig, tokenizer_dir: Path, max_tiles: int) -> None:
+    """Write processor_config.json (+ preprocessor / video configs) through transformers' own classes."""
+    from transformers import AutoTokenizer, InternVLProcessor, InternVLVideoProcessor
+
+    size = {"height": model_cfg.vision.image_size, "width": model_cfg.vision.image_size}
+    image = make_image_processor(model_cfg, max_tiles)
+    video = InternVLVideoProcessor(size=size, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     processor = InternVLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
                                   image_seq_length=model_cfg.tokens_per_tile, chat_template=tokenizer.chat_template)

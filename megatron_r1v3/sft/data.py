@@ -46,8 +46,11 @@ def prepare_data(cfg: RunConfig, state) -> DataSources:
             toy_tokenizer(toy_dir.parent / "tokenizers")
     if dist.is_initialized():
         dist.barrier()
-    if not train:
-        train, val, root = [str(toy_dir / "train.jsonl")], [str(toy_dir / "val.jsonl")], str(toy_dir)
+    if not train:  # toy image paths are relative to their JSONL's folder (RecordReader's default root)
+        prefix = "pretrain_" if d.toy_kind == "pretrain" else ""
+        train, val = [str(toy_dir / f"{prefix}train.jsonl")], val or [str(toy_dir / f"{prefix}val.jsonl")]
+        if d.toy_kind == "mixed":  # traces plus the captions of the same images (keeps the model seeing)
+            train = [str(toy_dir / "pretrain_train.jsonl"), *train]
     tok_dir = Path(d.tokenizer) if d.tokenizer else toy_tokenizer(toy_dir.parent / "tokenizers")
     tokenizer = load_tokenizer(tok_dir)
     check_special_ids(tokenizer, cfg.model)
@@ -57,11 +60,12 @@ def prepare_data(cfg: RunConfig, state) -> DataSources:
 def _generate_toy(cfg: RunConfig, toy_dir: Path) -> None:
     from megatron_r1v3.data.synthetic import generate_toy_dataset
 
-    if (toy_dir / "train.jsonl").is_file() and (toy_dir / "val.jsonl").is_file():
+    if all((toy_dir / f).is_file() for f in ("train.jsonl", "val.jsonl", "pretrain_train.jsonl")):
         return
     d = cfg.data
     generate_toy_dataset(toy_dir, n_train=d.toy_train, n_val=d.toy_val, seed=cfg.seed,
-                         image_size=cfg.model.vision.image_size, wrong_fraction=d.toy_wrong_fraction)
+                         image_size=cfg.model.vision.image_size, wrong_fraction=d.toy_wrong_fraction,
+                         tasks=tuple(d.toy_tasks))
 
 
 def make_iterator(sources: DataSources, cfg: RunConfig, state, split: str) -> SFTBatchIterator:

@@ -4,11 +4,14 @@ trainable set). Reads top to bottom: data -> model -> freeze -> DDP/optimizer/sc
 
 from __future__ import annotations
 
+import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_r1v3.bridge.convert import write_training_meta
 from megatron_r1v3.config import RunConfig, to_yaml
 from megatron_r1v3.models.build import build_model
 from megatron_r1v3.parallel import init_parallel
@@ -31,6 +34,11 @@ def load_initial_weights(chunks, path: str) -> None:
     if (root / "latest").is_file():
         root = root / (root / "latest").read_text().strip()
     load_model(chunks, root / "model")
+
+
+def write_items(path: Path, items: list[dict]) -> None:
+    """Per-item answers as JSONL (one object per held-out sample)."""
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
 
 
 def _microbatches(iterator, n: int) -> list[dict]:
@@ -70,6 +78,7 @@ def run_sft(cfg: RunConfig) -> dict:
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.train.steps)
     train_iter = make_iterator(sources, cfg, state, split="train")
 
+    describe = partial(write_training_meta, cfg, sources.tokenizer_dir)
     step = 0
     if cfg.checkpoint.resume:
         resumed = load_checkpoint(ckpt_root, chunks, optimizer, scheduler)
@@ -114,13 +123,13 @@ def run_sft(cfg: RunConfig) -> dict:
                     break
         if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.train.steps:
             save_checkpoint(ckpt_root, step, chunks, optimizer, scheduler, {"data": train_iter.state_dict()},
-                            cfg.checkpoint.keep_last)
+                            cfg.checkpoint.keep_last, describe)
         if watch.requested():
             log.text(f"[sft] preemption signal: checkpointing step {step} and exiting for requeue")
             preempted = True
             break
     save_checkpoint(ckpt_root, step, chunks, optimizer, scheduler, {"data": train_iter.state_dict()},
-                    cfg.checkpoint.keep_last)
+                    cfg.checkpoint.keep_last, describe)
     watch.restore()
     if preempted:
         mark_preempted(out, step)
@@ -130,6 +139,8 @@ def run_sft(cfg: RunConfig) -> dict:
 
         heldout = heldout_answers(chunks, cfg, sources, limit=cfg.train.heldout_samples)
         log.scalars(step, {"well_formed": heldout["well_formed"], "accuracy": heldout["accuracy"]}, group="heldout")
+        if state.rank == 0:
+            write_items(out / "heldout.jsonl", heldout["items"])
     train_iter.close()
     log.close()
     dist.barrier()

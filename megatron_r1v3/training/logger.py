@@ -29,7 +29,9 @@ class RunLogger:
 
             self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
 
-    def scalars(self, step: int, values: dict[str, float], group: str | None = None, echo: bool = True) -> None:
+    def scalars(self, step: int, values: dict[str, float], group: str | None = None,
+                echo: bool | tuple[str, ...] = True) -> None:
+        """Log all `values`; print them (echo=True), or only the keys listed in `echo`."""
         if not self.rank0:
             return
         group = group or self.prefix
@@ -39,7 +41,8 @@ class RunLogger:
             for key, value in values.items():
                 self.writer.add_scalar(f"{group}/{key}", value, step)
         if echo:
-            text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+            shown = values if echo is True else {k: values[k] for k in echo if k in values}
+            text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
             print(f"[{group}] step {step}  {text}", flush=True)
 
     def advance(self, **postfix: float) -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +109,9 @@ def latest_step(root: str | Path) -> int | None:
 
 
 def save_checkpoint(root: str | Path, step: int, chunks, optimizer, scheduler, extra: dict[str, Any] | None = None,
-                    keep_last: int = 2) -> Path:
-    """Collective. Writes step `step` atomically, moves `latest`, prunes to the newest `keep_last` steps."""
+                    keep_last: int = 2, describe: Callable[[Path], None] | None = None) -> Path:
+    """Collective. Writes step `step` atomically, moves `latest`, prunes to the newest `keep_last` steps.
+    `describe(dir)` (rank 0, before the commit) adds metadata files, e.g. `bridge.convert.write_training_meta`."""
     root = Path(root)
     final = _step_dir(root, step)
     tmp = final.with_name(final.name + ".partial")
@@ -130,6 +132,8 @@ def save_checkpoint(root: str | Path, step: int, chunks, optimizer, scheduler, e
     dist.barrier()
     if rank == 0:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict()}))
+        if describe is not None:
+            describe(tmp)
         os.replace(tmp, final)
         pointer = root / (LATEST + ".tmp")
         pointer.write_text(final.name + "\n")

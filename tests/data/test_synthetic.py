@@ -12,8 +12,8 @@ from megatron_r1v3.data.records import read_records
 from megatron_r1v3.data.synthetic import (
     BACKGROUND,
     COLOURS,
+    DEFAULT_TASKS,
     LETTERS,
-    TASKS,
     generate_split,
     generate_toy_dataset,
     wrong_indices,
@@ -38,7 +38,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     b = generate_toy_dataset(tmp_path / "b", n_train=15, n_val=5, seed=7, wrong_fraction=0.2, parquet=True)
     c = generate_toy_dataset(tmp_path / "c", n_train=15, n_val=5, seed=8, wrong_fraction=0.2)
     files_a, files_b = all_files(a.root), all_files(b.root)
-    assert files_a == files_b and len(files_a) == 15 + 5 + 4
+    assert files_a == files_b and len(files_a) == 15 + 5 + 4 + 2  # images, {train,val}.{jsonl,parquet}, pretrain_*
     assert (tmp_path / "c" / "train.jsonl").read_bytes() != files_a[a.train_jsonl.relative_to(a.root)]
     assert c.train_parquet is None
 
@@ -59,6 +59,7 @@ def expected_answer(meta):
         "count_number": str(meta.get("count")),
         "count_mc": str(meta.get("count")),
         "digit_number": str(meta.get("digit")),
+        "colour_word": meta.get("colour"),
     }[meta["task"]]
     if "options" in meta:
         assert len(meta["options"]) == 4 and len(set(meta["options"])) == 4
@@ -86,7 +87,7 @@ def count_blobs(mask):
 
 def test_answers_follow_from_metadata_and_pixels(toy):
     samples = read_records(toy.train_jsonl) + read_records(toy.val_jsonl)
-    assert Counter(s.meta["task"] for s in samples) == {t: 16 for t in TASKS}
+    assert Counter(s.meta["task"] for s in samples) == {t: 16 for t in DEFAULT_TASKS}
     for s in samples:
         assert s.answer == expected_answer(s.meta), s.source
         pixels = decode_rgb(s.load_images()[0])
@@ -138,3 +139,25 @@ def test_images_tile_to_one_tile_at_the_tiny_preset(toy, tmp_path):
     jpeg = generate_toy_dataset(tmp_path, n_train=3, n_val=1, seed=0, image_size=64, image_format="jpeg")
     first = read_records(jpeg.train_jsonl)[0]
     assert first.images[0].endswith(".jpg") and decode_rgb(first.load_images()[0]).shape == (64, 64, 3)
+
+
+def test_pretraining_captions_state_the_true_facts_traces_open_with_them(toy):
+    from megatron_r1v3.data.records import RecordReader
+
+    traces = list(RecordReader([toy.train_jsonl], root=toy.root))
+    captions = list(RecordReader([toy.root / "pretrain_train.jsonl"], root=toy.root))
+    assert len(traces) == len(captions) and [c.images for c in captions] == [t.images for t in traces]
+    for t, c in zip(traces, captions):
+        assert c.response.startswith("The image shows") and c.response == c.answer
+        opening = t.response.split("\n")[1].split(".")[0] + "."
+        assert (opening == c.response) == t.meta["trace_correct"], (t, c)
+
+
+def test_colour_word_task(tmp_path):
+    from megatron_r1v3.data.synthetic import generate_split
+
+    samples = generate_split(tmp_path, "train", 12, seed=5, wrong_fraction=0.5, tasks=("colour_word",))
+    for s in samples:
+        assert s.answer == expected_answer(s.meta) and s.question.endswith("Answer with one word.")
+        said = s.response.split("\\boxed{")[1].split("}")[0]
+        assert (said == s.answer) == s.meta["trace_correct"]

@@ -1,0 +1,104 @@
+"""From rollouts to Megatron microbatches for the policy loss.
+
+A `Rollout` is one response with everything the loss needs; it is also the selective sample buffer's payload.
+Row layout of a microbatch (`[b, s]`, right-padded): `input_ids` = expanded prompt + response, `labels` = the ids
+shifted left by one, and at position t (which predicts token t+1):
+  `mask`      1 where token t+1 is a response token;
+  `old_logp`  the behaviour policy's logprob of token t+1 (the rollout engine's, or recomputed by the trainer);
+  `rollout_logp` the engine's logprob (for the train-vs-rollout probability error);
+  `critical`  1 where token t+1 starts a critical word (spec §4).
+`adv [b]` holds each row's advantage, `fresh [b]` marks this episode's rows (not replayed). Pixels: the tiles of
+every image of every row, in row order (the model splices them at the `<IMG_CONTEXT>` tokens in that order).
+Rows added to fill the last microbatch have an all-zero mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """One sampled response and its scores."""
+
+    prompt_index: int
+    prompt_ids: list[int]  # expanded by vLLM (one `<IMG_CONTEXT>` per image token)
+    response_ids: list[int]
+    logprobs: list[float]  # behaviour policy (the engine), one per response token
+    reward: float
+    accuracy: float
+    format: float
+    finish_reason: str | None
+    step: int  # episode it was generated in
+    advantage: float = 0.0
+    critical: list[bool] = field(default_factory=list)
+    text: str = ""
+
+
+def shard_rows(rows: Sequence, dp_rank: int, dp_size: int, micro_batch_size: int) -> tuple[list, int]:
+    """This DP rank's rows (round robin) padded with None to whole microbatches of the same count on every rank;
+    returns (rows, number of microbatches)."""
+    per_rank = -(-len(rows) // dp_size)
+    n_micro = max(1, -(-per_rank // micro_batch_size))
+    mine = list(rows[dp_rank::dp_size])
+    mine += [None] * (n_micro * micro_batch_size - len(mine))
+    return mine, n_micro
+
+
+def sequence_length(rollouts: Sequence[Rollout], multiple: int = 8) -> int:
+    """One padded length for the whole episode (every pipeline stage must agree on the shape)."""
+    longest = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
+    return -(-longest // multiple) * multiple
+
+
+def microbatch(
+    rows: Sequence[Rollout | None], seq_len: int, pad_id: int, pixels_of: Callable[[int], torch.Tensor | None],
+    step: int,
+) -> dict:
+    """One microbatch dict from rows (None = filler row); `pixels_of(prompt_index)` gives a prompt's tiles; rows
+    generated at `step` are `fresh` (their engine logprobs are the current policy's, for the probability error)."""
+    b = len(rows)
+    ids = torch.full((b, seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((b, seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros(b, seq_len)
+    old, rollout_lp, critical = torch.zeros(b, seq_len), torch.zeros(b, seq_len), torch.zeros(b, seq_len)
+    adv, fresh = torch.zeros(b), torch.zeros(b)
+    tiles = []
+    for i, r in enumerate(rows):
+        if r is None:
+            continue
+        seq = r.prompt_ids + r.response_ids
+        if len(seq) > seq_len:
+            raise ValueError(f"rollout of prompt {r.prompt_index} has {len(seq)} tokens > seq_len {seq_len}")
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, : len(seq) - 1] = torch.tensor(seq[1:])
+        p, n = len(r.prompt_ids), len(r.response_ids)
+        span = slice(p - 1, p - 1 + n)
+        mask[i, span] = 1.0
+        old[i, span] = torch.tensor(r.logprobs, dtype=torch.float32)
+        rollout_lp[i, span] = torch.tensor(r.logprobs, dtype=torch.float32)
+        if r.critical:
+            critical[i, span] = torch.tensor(r.critical, dtype=torch.float32)
+        adv[i] = r.advantage
+        fresh[i] = float(r.step == step)
+        px = pixels_of(r.prompt_index)
+        if px is not None:
+            tiles.append(px)
+    batch = {"input_ids": ids, "labels": labels, "loss_mask": mask, "mask": mask, "old_logp": old,
+             "rollout_logp": rollout_lp, "critical": critical, "adv": adv,
+             "fresh": fresh}
+    if tiles:
+        batch["pixel_values"] = torch.cat(tiles)
+    return batch
+
+
+def check_image_tokens(rollout: Rollout, pixels: torch.Tensor | None, context_id: int, tokens_per_tile: int) -> None:
+    """The engine's expanded prompt must hold exactly one image token per tile token of the trainer's pixels."""
+    have = sum(1 for t in rollout.prompt_ids if t == context_id)
+    want = 0 if pixels is None else pixels.shape[0] * tokens_per_tile
+    if have != want:
+        raise ValueError(f"prompt {rollout.prompt_index}: the rollout engine expanded its images to {have} image"
+                         f" tokens but the trainer's tiling gives {want} (processor settings differ)")

@@ -1,0 +1,87 @@
+"""GRPO's plumbing without vLLM: the rollout -> microbatch layout, DP sharding, the prompt sampler's resume, the
+critical-token mask, and vocab-parallel entropy/logprobs at TP2 against full-vocabulary references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_r1v3.metrics.entropy import critical_entropy_summary, critical_mask
+from megatron_r1v3.parallel.spawn import run_distributed
+from megatron_r1v3.rl.batch import Rollout, check_image_tokens, microbatch, sequence_length, shard_rows
+from megatron_r1v3.rl.prompts import PromptSampler
+
+
+def _rollout(prompt, response, step=3, index=0, adv=0.5):
+    return Rollout(index, prompt, response, [-0.1 * (i + 1) for i in range(len(response))], 1.0, 1.0, 1.0,
+                   "stop", step, advantage=adv, critical=[i == 1 for i in range(len(response))])
+
+
+def test_microbatch_aligns_logprobs_masks_and_labels():
+    r = _rollout([1, 5, 5, 7], [20, 21, 2])
+    pix = {0: torch.ones(1, 3, 4, 4)}
+    mb = microbatch([r, None], 8, 0, pix.get, step=3)
+    assert mb["input_ids"][0].tolist() == [1, 5, 5, 7, 20, 21, 2, 0]
+    assert mb["labels"][0].tolist()[:6] == [5, 5, 7, 20, 21, 2]
+    # position t predicts token t+1: the 3 response tokens are predicted at positions 3, 4, 5
+    assert mb["mask"][0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
+    assert torch.allclose(mb["old_logp"][0, 3:6], torch.tensor([-0.1, -0.2, -0.3]))
+    assert mb["critical"][0].tolist() == [0, 0, 0, 0, 1, 0, 0, 0]
+    assert mb["mask"][1].sum() == 0 and mb["adv"].tolist() == [0.5, 0.0] and mb["fresh"].tolist() == [1.0, 0.0]
+    assert mb["pixel_values"].shape[0] == 1
+    replayed = microbatch([r], 8, 0, pix.get, step=4)
+    assert replayed["fresh"].tolist() == [0.0]  # an SSB replay is not this episode's rollout
+    with pytest.raises(ValueError, match="prompt 0 has 7 tokens > seq_len 6"):
+        microbatch([r], 6, 0, pix.get, step=3)
+
+
+def test_image_token_count_check_names_the_prompt():
+    r = _rollout([1, 5, 5, 7], [2], index=9)
+    check_image_tokens(r, torch.zeros(1, 3, 4, 4), context_id=5, tokens_per_tile=2)
+    with pytest.raises(ValueError, match="prompt 9: .* 2 image tokens but the trainer's tiling gives 4"):
+        check_image_tokens(r, torch.zeros(2, 3, 4, 4), context_id=5, tokens_per_tile=2)
+
+
+def test_shard_rows_pads_every_rank_to_the_same_microbatches():
+    rows = list(range(7))
+    shards = [shard_rows(rows, r, 2, 2) for r in range(2)]
+    assert shards[0] == ([0, 2, 4, 6], 2) and shards[1] == ([1, 3, 5, None], 2)
+    assert sequence_length([_rollout([1] * 10, [2] * 3)]) == 16
+
+
+def test_prompt_sampler_resumes_mid_epoch():
+    a = PromptSampler(5, seed=3)
+    first = a.take(3) + a.take(4)  # crosses into epoch 1
+    assert sorted(first[:5]) == [0, 1, 2, 3, 4]
+    b = PromptSampler(5, seed=3)
+    b.take(3)
+    state = b.state_dict()
+    c = PromptSampler(5, seed=3)
+    c.load_state_dict(state)
+    assert c.take(4) == first[3:]
+    with pytest.raises(ValueError, match="over 5 prompts with 6"):
+        PromptSampler(6, seed=3).load_state_dict(state)
+
+
+class _CharTokenizer:
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def test_critical_mask_marks_word_starts_inside_think_only():
+    tok = _CharTokenizer()
+    text = "Hmm, so. Wait no, awaiting.</think>Wait \\boxed{1}"
+    ids = [ord(c) for c in text]
+    mask = critical_mask(tok, ids, ["wait", "hmm"])
+    starts = [i for i, m in enumerate(mask) if m]
+    assert starts == [0, text.index("Wait")]  # "awaiting" is not a word match; after </think> does not count
+    assert critical_mask(tok, ids, []) == [False] * len(ids)
+    s = critical_entropy_summary([[1.0, 2.0, 3.0], [0.5, 0.5]], [[True, False, True], [False, False]])
+    assert s["critical_entropy"] == 2.0 and s["critical_entropy_next"] == 2.0 and s["responses_with_critical"] == 1
+
+
+def test_vocab_parallel_entropy_and_logprobs_at_tp2():
+    r = run_distributed("tests.rl.rl_workers:vocab_parallel_pieces", 2, timeout_s=120)
+    for rank in r:
+        assert rank["finite"], "padded -inf vocab rows produced NaN/inf"
+        assert rank["entropy"] < 1e-5 and rank["logprob"] < 1e-5 and rank["grad"] < 1e-5, rank

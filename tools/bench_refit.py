@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Refit speed and RL step overhead, measured in one run on this machine (issue 5). Needs vLLM (the vLLM venv).
+
+1. Refit ratio, a decoder of a few hundred MB (fp32) trained at TP2·PP2 (4 gloo processes), engine on rank 0:
+     refit    = wall time of `rollout.refit.push_weights` (TP gather + PP broadcast of the HF-named stream through
+                the mapping table, manifest check, vLLM `reload_weights` bucket by bucket, cache reset);
+     baseline = one in-memory copy of all weights on rank 0 (`dst.copy_(src)` for every tensor of the same stream).
+   Target: refit / baseline <= 3.
+2. RL overhead: a short GRPO run of the tiny model (TP2, 2 processes); per step, the time outside generation,
+   the trainer's forward/backward/optimizer step and the refit, as a fraction of the step. Target <= 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCH_COMPILE_DISABLE": "1"}
+BIG = ["model.preset=tiny", "parallel.tensor=2", "parallel.pipeline=2", "model.language.num_layers=8",
+       "model.language.hidden_size=1024", "model.language.ffn_hidden_size=2816", "model.language.num_heads=16",
+       "model.language.num_kv_heads=4"]
+
+
+def refit_worker(workdir: str, repeats: int, bucket_mb: int) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from megatron_r1v3.bridge.export import iter_hf_tensors
+    from megatron_r1v3.bridge.mapping import expected_hf_names
+    from megatron_r1v3.config import load_config
+    from megatron_r1v3.data.tokenizer import toy_tokenizer
+    from megatron_r1v3.models.build import build_model
+    from megatron_r1v3.parallel import init_parallel
+    from megatron_r1v3.rollout.engine import RolloutEngine
+    from megatron_r1v3.rollout.hf_export import write_vllm_model_dir
+    from megatron_r1v3.rollout.refit import push_weights
+
+    cfg = load_config(None, BIG)
+    init_parallel(cfg)
+    rank = dist.get_rank()
+    chunks = build_model(cfg)
+    names = list(expected_hf_names(cfg.model, "native"))
+    engine = None
+    if rank == 0:
+        tok = toy_tokenizer(f"{workdir}/tok")
+        model_dir = write_vllm_model_dir(f"{workdir}/vllm", cfg.model, tok, torch.float32, seed=1, max_tiles=4)
+        engine = RolloutEngine(model_dir, max_model_len=256, kv_cache_bytes=64 * 2**20)
+    dist.barrier()
+    push_weights(engine, iter_hf_tensors(chunks, cfg.model, "native"), names, bucket_bytes=bucket_mb * 2**20)  # warm
+    times, stats = [], None
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        stats = push_weights(engine, iter_hf_tensors(chunks, cfg.model, "native"), names,
+                             bucket_bytes=bucket_mb * 2**20)
+        dist.barrier()
+        times.append(time.perf_counter() - t0)
+    full = [(n, t.clone()) for n, t in iter_hf_tensors(chunks, cfg.model, "native")]  # collective
+    out = {}
+    if rank == 0:
+        dst = [torch.empty_like(t) for _, t in full]
+        copies = []
+        for _ in range(max(repeats, 3)):
+            t0 = time.perf_counter()
+            for d, (_, t) in zip(dst, full):
+                d.copy_(t)
+            copies.append(time.perf_counter() - t0)
+        out = {"refit_s": statistics.median(times), "copy_s": statistics.median(copies), "bytes": stats.bytes,
+               "tensors": stats.tensors, "buckets": stats.buckets, "load_s": stats.load_seconds}
+        engine.close()
+    dist.barrier()
+    return out
+
+
+def rl_worker(workdir: str, steps: int) -> dict:
+    from megatron_r1v3.config import load_config
+    from megatron_r1v3.rl.grpo import run_grpo
+
+    cfg = load_config("examples/tiny_cpu_rl.yaml", [
+        f"output_dir={workdir}/rl", f"data.toy_dir={workdir}/toy", f"train.steps={steps}", "rl.eval_every=0",
+        "rl.eval_prompts=8", "checkpoint.save_every=0", "logging.tensorboard=false", "logging.progress=false"])
+    result = run_grpo(cfg)
+    rows = result["history"]["train"][1:]  # the first step warms up caches
+    keys = ("time/step", "time/generate", "time/forward_backward_step", "refit/seconds", "time/reward",
+            "time/overhead_fraction")
+    return {k: statistics.mean(r[k] for r in rows) for k in keys}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bucket-mb", type=int, default=128)
+    ap.add_argument("--rl-steps", type=int, default=8)
+    args = ap.parse_args()
+    from megatron_r1v3.parallel.spawn import run_distributed
+
+    with tempfile.TemporaryDirectory(prefix="r1v3-bench-refit-") as wd:
+        r = run_distributed("tools.bench_refit:refit_worker", 4, timeout_s=900, env=ENV, workdir=wd,
+                            repeats=args.repeats, bucket_mb=args.bucket_mb)[0]
+        rl = run_distributed("tools.bench_refit:rl_worker", 2, timeout_s=900, env=ENV, workdir=wd,
+                             steps=args.rl_steps)[0]
+    mb = r["bytes"] / 2**20
+    print(f"refit: {r['tensors']} tensors, {mb:.0f} MiB fp32 at TP2·PP2, {r['buckets']} buckets of <= "
+          f"{args.bucket_mb} MiB")
+    print(f"  refit {r['refit_s']:.3f} s (vLLM load {r['load_s']:.3f} s) | one in-memory copy {r['copy_s']:.3f} s"
+          f" | ratio {r['refit_s'] / r['copy_s']:.1f} (target <= 3)")
+    print(f"RL step (tiny, TP2, {args.rl_steps} steps, first dropped): step {rl['time/step']:.3f} s = generate "
+          f"{rl['time/generate']:.3f} + forward/backward/step {rl['time/forward_backward_step']:.3f} + refit "
+          f"{rl['refit/seconds']:.3f} + rest (reward {rl['time/reward']:.3f}, batching, broadcast, logging)")
+    print(f"  overhead fraction {rl['time/overhead_fraction']:.1%} (target <= 5%)")
+
+
+if __name__ == "__main__":
+    main()
