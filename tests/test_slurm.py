@@ -1,5 +1,6 @@
 """The sbatch scripts on a real one-node Slurm cluster (Debian's slurm-wlm + munge, started here): an array-job
-scaling sweep, and SFT that is preempted with SIGUSR1, checkpoints, requeues itself and resumes to the end."""
+scaling sweep, and SFT and GRPO runs that are preempted with SIGUSR1, checkpoint, requeue themselves and resume to
+the end."""
 
 import os
 import re
@@ -87,4 +88,27 @@ def test_sft_preempted_by_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path)
     run_dir = REPO / f"runs/r1v3-sft-{job}"
     assert (run_dir / "checkpoints/latest").read_text().strip() == "step_00000030"
     assert not (run_dir / "PREEMPTED").exists()
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_grpo_preempted_by_usr1_resumes_with_its_buffer(slurm, tmp_path):
+    venv = REPO / ".venv-vllm"
+    if not (venv / "bin" / "r1v3").exists():
+        pytest.skip("the vLLM venv is missing (make vllm-venv)")
+    env = {**slurm, "R1V3_VENV": str(venv)}
+    job = sbatch(env, "--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:20:00", "slurm/grpo.sbatch",
+                 "examples/tiny_cpu_rl.yaml", f"data.toy_dir={tmp_path}/toy", "data.toy_train=64", "data.toy_val=8",
+                 "train.steps=10", "rl.prompts_per_step=4", "rl.samples_per_prompt=4", "rl.eval_every=0",
+                 "rl.eval_prompts=4", "rl.eval_samples=2", "checkpoint.save_every=0", "logging.progress=false")
+    log = REPO / f"logs/r1v3-grpo-{job}.out"
+    wait_for(lambda: "[rl] step 2 " in read(log), 300, "the first GRPO steps")
+    subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True, timeout=30)
+    wait_for(lambda: "requeueing job" in read(log), 180, "the requeue")
+    wait_for(lambda: job_state(env, job) == "COMPLETED", 400, f"job {job} to complete", poll=2)
+    text = log.read_text(errors="replace")
+    step = int(re.search(r"preemption signal: checkpointing step (\d+)", text).group(1))
+    assert step >= 2 and "restart 1" in text
+    assert f"starting at step {step}" in text and "[rl] done: 10 steps" in text
+    run_dir = REPO / f"runs/r1v3-grpo-{job}"
+    assert (run_dir / "checkpoints/latest").read_text().strip() == "step_00000010"
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,7 +1,8 @@
 """Held-out evaluation inside an RL run: avg@k accuracy of vLLM samples (the R1V3 protocol at toy scale) and the
 critical-token entropy of those samples, teacher-forced through the Megatron model (spec §4).
 
-Seeds do not depend on the step, so two checkpoints are compared on the same prompts with the same sampling noise.
+Seeds and the token budget (the longest of `rl.length_schedule`) do not depend on the step, so two checkpoints are
+compared on the same prompts with the same sampling noise and budget.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.distributed as dist
 from megatron_r1v3.config import RunConfig
 from megatron_r1v3.rl.batch import microbatch, sequence_length, shard_rows
 from megatron_r1v3.rl.policy_loss import policy_loss, reduce_metrics
-from megatron_r1v3.rl.rollouts import PixelSource, RolloutWorker, max_response_tokens, sampling_seeds
+from megatron_r1v3.rl.rollouts import PixelSource, RolloutWorker, longest_response, sampling_seeds
 from megatron_r1v3.training.step import run_schedule
 
 EVAL_SEED_STEP = -1  # sampling_seeds(step=-1): fixed across evaluations
@@ -48,8 +49,7 @@ def evaluate_heldout(chunks, cfg: RunConfig, worker: RolloutWorker | None, pixel
         n = min(r.eval_prompts, len(pixels.samples))
         prompts = [pixels.prompt(i) for i in range(n)]
         seeds = sampling_seeds(cfg.seed, EVAL_SEED_STEP, 0, range(n), r.eval_samples)
-        groups = worker.sample(prompts, r.eval_samples, max_response_tokens(cfg, step), r.eval_temperature, seeds,
-                               step)
+        groups = worker.sample(prompts, r.eval_samples, longest_response(cfg), r.eval_temperature, seeds, step)
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             with open(out_dir / f"step_{step:06d}.jsonl", "w") as f:

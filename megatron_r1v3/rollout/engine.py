@@ -38,6 +38,21 @@ class Sample:
     prompt_token_ids: list[int] = field(default_factory=list)  # after vLLM's image expansion
 
 
+class _DropThreadWarning(logging.Filter):
+    """vLLM-CPU replaces `torch.set_num_threads` in the whole process by a function that warns on every call; in a
+    trainer rank the training libraries call it many times (hundreds of identical lines per run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torch.set_num_threads" not in record.getMessage()
+
+
+def _quiet_vllm_thread_warning() -> None:
+    vllm_log = logging.getLogger("vllm")
+    for target in (vllm_log, *vllm_log.handlers):
+        if not any(isinstance(f, _DropThreadWarning) for f in target.filters):
+            target.addFilter(_DropThreadWarning())
+
+
 def _set_env() -> None:
     """In-process engine and no torch.compile; must happen before vLLM is imported."""
     for key, value in _ENV.items():
@@ -105,6 +120,7 @@ class RolloutEngine:
                 enable_sleep_mode=self.sleep_enabled, max_num_seqs=max_num_seqs, **kwargs,
             )
         self.start_seconds = time.perf_counter() - start
+        _quiet_vllm_thread_warning()
         self.tokenizer = self.llm.get_tokenizer()
         self._finalizer = None
         client = self.llm.llm_engine.engine_core  # in-process client: tear down inside vLLM's own registry

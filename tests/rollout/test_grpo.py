@@ -56,10 +56,18 @@ def test_grpo_raises_reward(sft_root):
     assert max(prob_error.values()) < 1.001  # fp32: the engine's logprobs are the trainer's
 
 
-def test_kill9_resume_follows_the_same_trajectory(sft_root):
-    common = ["train.steps=5", "checkpoint.save_every=2", "rl.eval_every=0", "optimizer.lr=3e-4"]
+COMMON = ["train.steps=5", "checkpoint.save_every=2", "rl.eval_every=0", "optimizer.lr=3e-4"]
+
+
+@pytest.fixture(scope="module")
+def ref_run(sft_root) -> Path:
     ref = sft_root / "ref"
-    run_to_end(rl_cmd(ref, sft_root, *common))
+    run_to_end(rl_cmd(ref, sft_root, *COMMON))
+    return ref
+
+
+def test_kill9_resume_follows_the_same_trajectory(sft_root, ref_run):
+    common, ref = COMMON, ref_run
     killed = sft_root / "killed"
     run_and_kill(rl_cmd(killed, sft_root, *common), until=lambda line: line.startswith("[rl] step 3 "))
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step_00000002"
@@ -69,3 +77,24 @@ def test_kill9_resume_follows_the_same_trajectory(sft_root):
         assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
         assert a == b, f"{key}: uninterrupted {a} vs resumed {b}"
     assert steps(ref, "accuracy", "heldout") == steps(killed, "accuracy", "heldout")
+
+
+def test_eval_reproduces_the_runs_heldout_accuracy_and_selection_ranks(sft_root, ref_run):
+    common = [f"data.toy_dir={sft_root / 'toy'}", "rl.eval_prompts=16", "rl.eval_samples=2", *ENV_OVERRIDES]
+    cli = [sys.executable, "-m", "megatron_r1v3.cli"]
+    out = run_to_end([*cli, "eval", "examples/tiny_cpu_rl.yaml", *common, "--checkpoint",
+                      str(ref_run / "checkpoints"), "--out", str(sft_root / "eval")])
+    summary = json.loads((sft_root / "eval" / "summary.json").read_text())
+    assert summary["checkpoint"].endswith("step_00000005")
+    assert summary["accuracy"] == steps(ref_run, "accuracy", "heldout")[5], out  # same seeds, same budget
+    items = (sft_root / "eval" / "items" / "step_00000005" / "step_000000.jsonl").read_text().splitlines()
+    assert len(items) == 16 and all(len(json.loads(x)["responses"]) == 2 for x in items)
+    run_to_end([*cli, "select-checkpoint", "examples/tiny_cpu_rl.yaml", *common, "--checkpoints",
+                str(ref_run / "checkpoints"), "--out", str(sft_root / "select")])
+    sel = json.loads((sft_root / "select" / "selection.json").read_text())
+    names = sorted(Path(r["checkpoint"]).name for r in sel["ranking"])
+    assert names == ["step_00000002", "step_00000004", "step_00000005"]
+    ent = [r["critical_entropy"] for r in sel["ranking"] if r["critical_entropy"] == r["critical_entropy"]]
+    assert ent == sorted(ent, reverse=True) and sel["best"] == sel["ranking"][0]["checkpoint"]
+    assert -1.0 <= sel["spearman_vs_accuracy"] <= 1.0 or sel["spearman_vs_accuracy"] != sel["spearman_vs_accuracy"]
+    assert (sft_root / "select" / "best").read_text().strip() == sel["best"]
