@@ -238,6 +238,7 @@ class RLConfig:
     entropy_coef: float = 0.0
     w_acc: float = 0.8
     w_fmt: float = 0.2
+    verifier_model: Optional[str] = None  # HF chat model dir for the LLM answer judge (second vLLM engine); off
     std_unbiased: bool = True
     normalize_std: bool = True
     dynamic_sampling: bool = False  # DAPO: train only on groups whose rewards differ; re-sample to fill

@@ -38,6 +38,13 @@ def sbatch(env, *args) -> str:
     return out.stdout.strip().split(";")[0]
 
 
+def fresh_run(env: dict, tmp_path: Path) -> tuple[dict, Path]:
+    """A run directory of this test's own (job ids restart with every test cluster, so the default
+    runs/<name>-<id> and logs/<name>-<id>.out of an earlier session would be appended to and resumed from)."""
+    run_dir = tmp_path / "run"
+    return {**env, "R1V3_RUN_DIR": str(run_dir)}, run_dir
+
+
 def job_state(env, job: str) -> str:
     out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True, timeout=30).stdout
     states = re.findall(r"JobState=(\S+)", out)
@@ -66,41 +73,43 @@ def test_scaling_sweep_array_job(slurm, tmp_path):
     layouts = tmp_path / "layouts.txt"
     layouts.write_text("parallel.tensor=2 parallel.pipeline=1\nparallel.tensor=1 parallel.pipeline=2\n")
     job = sbatch(slurm, "--array=0-1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:10:00",
-                 "slurm/scaling_sweep.sbatch", "examples/tiny_cpu_parallel.yaml", layouts, "demo.steps=1")
-    logs = [REPO / f"logs/r1v3-sweep-{job}_{i}.out" for i in (0, 1)]
+                 f"--output={tmp_path}/%x-%A_%a.out", "slurm/scaling_sweep.sbatch", "examples/tiny_cpu_parallel.yaml",
+                 layouts, "demo.steps=1")
+    logs = [tmp_path / f"r1v3-sweep-{job}_{i}.out" for i in (0, 1)]
     wait_for(lambda: all("step 1/1" in read(p) for p in logs), 300, f"both array tasks of job {job}")
     assert "TP2·PP1·DP1" in read(logs[0]) and "TP1·PP2·DP1" in read(logs[1])
 
 
 def test_sft_preempted_by_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
-    job = sbatch(slurm, "--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:20:00", "slurm/sft.sbatch",
+    env, run_dir = fresh_run(slurm, tmp_path)
+    job = sbatch(env, "--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:20:00", f"--output={tmp_path}/%x-%j.out",
+                 "slurm/sft.sbatch",
                  "examples/tiny_cpu_sft.yaml", f"data.toy_dir={tmp_path}/toy", "data.toy_train=96", "train.steps=30",
                  "checkpoint.save_every=10", "train.log_every=1", "train.eval_every=0", "train.heldout_samples=0")
-    log = REPO / f"logs/r1v3-sft-{job}.out"
+    log = tmp_path / f"r1v3-sft-{job}.out"
     wait_for(lambda: "[sft] step 4 " in read(log), 300, "the first training steps")
-    subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True, timeout=30)
+    subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True, timeout=30)
     wait_for(lambda: "requeueing job" in read(log), 180, "the requeue")
-    wait_for(lambda: job_state(slurm, job) == "COMPLETED", 400, f"job {job} to complete", poll=2)
+    wait_for(lambda: job_state(env, job) == "COMPLETED", 400, f"job {job} to complete", poll=2)
     text = log.read_text(errors="replace")  # the requeue cancel line is expected here
     step = int(re.search(r"preemption signal: checkpointing step (\d+)", text).group(1))
     assert step >= 4 and "restart 1" in text
     assert f"starting at step {step}" in text and "[sft] done: 30 steps" in text
-    run_dir = REPO / f"runs/r1v3-sft-{job}"
     assert (run_dir / "checkpoints/latest").read_text().strip() == "step_00000030"
     assert not (run_dir / "PREEMPTED").exists()
-    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_grpo_preempted_by_usr1_resumes_with_its_buffer(slurm, tmp_path):
     venv = REPO / ".venv-vllm"
     if not (venv / "bin" / "r1v3").exists():
         pytest.skip("the vLLM venv is missing (make vllm-venv)")
-    env = {**slurm, "R1V3_VENV": str(venv)}
-    job = sbatch(env, "--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:20:00", "slurm/grpo.sbatch",
+    env, run_dir = fresh_run({**slurm, "R1V3_VENV": str(venv)}, tmp_path)
+    job = sbatch(env, "--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:20:00", f"--output={tmp_path}/%x-%j.out",
+                 "slurm/grpo.sbatch",
                  "examples/tiny_cpu_rl.yaml", f"data.toy_dir={tmp_path}/toy", "data.toy_train=64", "data.toy_val=8",
                  "train.steps=10", "rl.prompts_per_step=4", "rl.samples_per_prompt=4", "rl.eval_every=0",
                  "rl.eval_prompts=4", "rl.eval_samples=2", "checkpoint.save_every=0", "logging.progress=false")
-    log = REPO / f"logs/r1v3-grpo-{job}.out"
+    log = tmp_path / f"r1v3-grpo-{job}.out"
     wait_for(lambda: "[rl] step 2 " in read(log), 300, "the first GRPO steps")
     subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True, timeout=30)
     wait_for(lambda: "requeueing job" in read(log), 180, "the requeue")
@@ -109,6 +118,4 @@ def test_grpo_preempted_by_usr1_resumes_with_its_buffer(slurm, tmp_path):
     step = int(re.search(r"preemption signal: checkpointing step (\d+)", text).group(1))
     assert step >= 2 and "restart 1" in text
     assert f"starting at step {step}" in text and "[rl] done: 10 steps" in text
-    run_dir = REPO / f"runs/r1v3-grpo-{job}"
     assert (run_dir / "checkpoints/latest").read_text().strip() == "step_00000010"
-    shutil.rmtree(run_dir, ignore_errors=True)

@@ -65,6 +65,8 @@ def collect_episode(cfg: RunConfig, worker: RolloutWorker, pixels: PixelSource, 
         "time/generate": worker.seconds["generate"],
         "time/reward": worker.seconds["reward"],
     }
+    if worker.verifier is not None:
+        metrics["reward/verifier_calls_total"] = float(worker.verifier.calls)
     metrics["adv/zero_advantage_fraction"] = sum(x.advantage == 0 for x in fresh) / max(len(fresh), 1)
     replayed: list[Rollout] = []
     if buffer is not None:

@@ -71,6 +71,12 @@ class RolloutWorker:
         r = cfg.rl
         self.cfg, self.tokenizer = cfg, tokenizer
         self.seconds: dict[str, float] = defaultdict(float)  # engine time vs reward time, reset by the caller
+        self.verifier = None
+        if r.verifier_model:
+            from megatron_r1v3.rl.verifier import EngineVerifier
+
+            self.verifier = EngineVerifier(r.verifier_model, seed=cfg.seed, kv_cache_mb=r.kv_cache_mb,
+                                           gpu_memory_utilization=r.gpu_memory_utilization / 2)
         self.engine = RolloutEngine(
             model_dir, max_model_len=r.max_prompt_tokens + longest_response(cfg), seed=cfg.seed,
             kv_cache_bytes=r.kv_cache_mb * 2**20, gpu_memory_utilization=r.gpu_memory_utilization,
@@ -91,7 +97,7 @@ class RolloutWorker:
         groups = []
         for p, samples in zip(prompts, outs):
             scores = score_batch([s.text for s in samples], [p.answer] * len(samples), [p.question] * len(samples),
-                                 [p.options] * len(samples), r.w_acc, r.w_fmt)
+                                 [p.options] * len(samples), r.w_acc, r.w_fmt, self.verifier)
             groups.append([
                 Rollout(p.index, s.prompt_token_ids, s.token_ids, s.logprobs, sc.total, sc.accuracy, sc.format,
                         s.finish_reason, step, critical=critical_mask(self.tokenizer, s.token_ids, r.critical_tokens),
@@ -104,3 +110,5 @@ class RolloutWorker:
 
     def close(self) -> None:
         self.engine.close()
+        if self.verifier is not None:
+            self.verifier.close()

@@ -97,7 +97,7 @@ class RolloutEngine:
         max_model_len: int,
         seed: int = 0,
         dtype: str = "float32",
-        max_images_per_prompt: int = 4,
+        max_images_per_prompt: int | None = 4,  # None: leave vLLM's multimodal limits alone (text-only models)
         kv_cache_bytes: int = 256 * 2**20,
         gpu_memory_utilization: float = 0.5,
         logprobs_mode: str = "raw_logprobs",
@@ -116,7 +116,9 @@ class RolloutEngine:
         with torch_distributed_registry() as self._registry:
             self.llm = LLM(
                 model=str(model_dir), dtype=dtype, seed=seed, enforce_eager=True, max_model_len=max_model_len,
-                limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0}, logprobs_mode=logprobs_mode,
+                **({} if max_images_per_prompt is None else
+                   {"limit_mm_per_prompt": {"image": max_images_per_prompt, "video": 0}}),
+                logprobs_mode=logprobs_mode,
                 enable_sleep_mode=self.sleep_enabled, max_num_seqs=max_num_seqs, **kwargs,
             )
         self.start_seconds = time.perf_counter() - start

@@ -1,0 +1,58 @@
+"""The optional LLM verifier: a second in-process vLLM engine next to the policy's, asked only when the rule check
+fails on a boxed answer; yes/no parsing. The judge here is the tiny random model, so only the plumbing and the
+verdict contract are checked, not the judgement. Needs vLLM (the vLLM venv)."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+
+from megatron_r1v3.rl.verifier import parse_verdict
+from tests.rollout.test_vllm_refit import _NO_VLLM
+
+ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCH_COMPILE_DISABLE": "1"}
+
+
+def test_parse_verdict():
+    assert parse_verdict("Yes, they match.") is True and parse_verdict(" no") is False
+    assert parse_verdict("Maybe") is None and parse_verdict("") is None and parse_verdict("yesterday") is None
+
+
+def two_engines_worker(workdir: str) -> dict:
+    import torch
+
+    from megatron_r1v3.config import load_config
+    from megatron_r1v3.data.tokenizer import toy_tokenizer
+    from megatron_r1v3.rl.rewards import r1v3_reward
+    from megatron_r1v3.rl.verifier import EngineVerifier
+    from megatron_r1v3.rollout.engine import RolloutEngine
+    from megatron_r1v3.rollout.hf_export import write_vllm_model_dir
+
+    cfg = load_config(None, ["model.preset=tiny"])
+    tok = toy_tokenizer(f"{workdir}/tok")
+    model_dir = write_vllm_model_dir(f"{workdir}/m", cfg.model, tok, torch.float32, seed=3, max_tiles=4)
+    policy = RolloutEngine(model_dir, max_model_len=256, kv_cache_bytes=32 * 2**20)
+    judge = EngineVerifier(model_dir, max_model_len=512, kv_cache_mb=32)
+    right = r1v3_reward("ok</think>\\boxed{4}", "4", verifier=judge)
+    calls_after_right = judge.calls
+    wrong = r1v3_reward("ok</think>\\boxed{5}", "4", verifier=judge, question="2+2?")
+    unboxed = r1v3_reward("ok</think> five", "4", verifier=judge)
+    sample = policy.generate([(policy.tokenizer.encode("hello"), [])], n=1, max_tokens=4, seed=0)[0][0]
+    out = {"right": right.accuracy, "calls_after_right": calls_after_right, "calls": judge.calls,
+           "wrong_acc": wrong.accuracy, "unboxed_acc": unboxed.accuracy, "policy_tokens": len(sample.token_ids)}
+    judge.close()
+    policy.close()
+    return out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(bool(_NO_VLLM), reason=_NO_VLLM or "ok")
+def test_verifier_engine_beside_the_policy_engine():
+    from megatron_r1v3.parallel.spawn import run_distributed
+
+    with tempfile.TemporaryDirectory(prefix="r1v3-verifier-") as wd:
+        r = run_distributed("tests.rollout.test_verifier:two_engines_worker", 1, timeout_s=240, env=ENV, workdir=wd)[0]
+    assert r["right"] == 1.0 and r["calls_after_right"] == 0  # the rule said yes: the judge is not asked
+    assert r["calls"] == 1  # asked once, for the boxed wrong answer; never for a response without a boxed answer
+    assert r["wrong_acc"] in (0.0, 1.0) and r["unboxed_acc"] == 0.0 and r["policy_tokens"] >= 1
