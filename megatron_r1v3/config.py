@@ -359,6 +359,8 @@ def validate(cfg: RunConfig, world_size: int, te_available: bool = False) -> Run
         )
     if prec.params_dtype not in ("auto", "fp32", "bf16", "fp16"):
         errors.append(f"precision.params_dtype={prec.params_dtype!r} must be auto, fp32, bf16 or fp16")
+    if cfg.optimizer.min_lr > cfg.optimizer.lr:
+        errors.append(f"optimizer.min_lr={cfg.optimizer.min_lr} > optimizer.lr={cfg.optimizer.lr}")
     if cfg.optimizer.name not in ("adam", "sgd"):
         errors.append(f"optimizer.name={cfg.optimizer.name!r} must be adam or sgd")
     elif cfg.optimizer.name == "sgd" and cfg.optimizer.use_distributed_optimizer:

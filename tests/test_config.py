@@ -36,6 +36,10 @@ def test_tiny_preset_defaults():
         (["model.vision.num_heads=3", "model.vision.hidden_size=48", "model.vision.head_pad_multiple=1",
           "parallel.tensor=2"], 2, ["padded ViT heads 3", "head_pad_multiple=1"]),
         (["optimizer.name=sgd"], 1, ["optimizer.use_distributed_optimizer"]),
+        (["optimizer.lr=1e-4", "optimizer.min_lr=1e-3"], 1, ["optimizer.min_lr=0.001 > optimizer.lr=0.0001"]),
+        (["rl.agg=sum", "rl.samples_per_prompt=1"], 1, ["rl.agg='sum'", "rl.samples_per_prompt=1"]),
+        (["rl.old_logprobs=vllm", "rl.length_schedule=[[5]]"], 1, ["rl.old_logprobs='vllm'", "rl.length_schedule[0]"]),
+        (["data.toy_tasks=[colour_mc,spelling]"], 1, ["data.toy_tasks"]),
     ],
 )
 def test_invalid_combinations_fail_at_start_naming_fields(overrides, world, fields):

@@ -85,7 +85,11 @@ def torch_distributed_registry(registry: object | None = None) -> Iterator[objec
 
 def _shutdown_core(core, registry: object) -> None:
     with torch_distributed_registry(registry):
-        core.shutdown()
+        try:
+            core.shutdown()
+        except ValueError as exc:  # "Invalid process group": vLLM's process-wide parallel state is shared by every
+            # in-process engine (policy + verifier), and the first one shut down already destroyed it
+            log.debug("vLLM shutdown: %s", exc)
 
 
 class RolloutEngine:

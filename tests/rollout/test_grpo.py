@@ -56,7 +56,7 @@ def test_grpo_raises_reward(sft_root):
     assert max(prob_error.values()) < 1.001  # fp32: the engine's logprobs are the trainer's
 
 
-COMMON = ["train.steps=5", "checkpoint.save_every=2", "rl.eval_every=0", "optimizer.lr=3e-4"]
+COMMON = ["train.steps=5", "checkpoint.save_every=2", "rl.eval_every=0"]
 
 
 @pytest.fixture(scope="module")
