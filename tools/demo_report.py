@@ -60,7 +60,7 @@ def main(demo: Path) -> int:
     ax.set_xlabel("GRPO step")
     ax.set_ylim(0, 1)
     ax.set_title("Tiny R1V3 on the toy task: GRPO with vLLM-CPU rollouts (TP2)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
     png = demo / "grpo_curves.png"
     fig.tight_layout()
