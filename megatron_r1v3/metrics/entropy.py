@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_CRITICAL_WORDS: tuple[str, ...] = ("wait", "alternatively", "hmm")
-EXTENDED_CRITICAL_WORDS: tuple[str, ...] = ("but", "however", "maybe", "check", "verify", "perhaps")
 
 
 def _tp_group():
@@ -86,24 +85,3 @@ def critical_mask(
     for i, (s, t) in enumerate(zip(starts, texts)):
         mask[i] = any(s <= h < s + len(t) for h in hits) if hits else False
     return mask
-
-
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def critical_entropy_summary(entropies: Sequence[Sequence[float]], masks: Sequence[Sequence[bool]]) -> dict:
-    """Spec §4 step 4 over responses: mean over responses (with ≥ 1 critical token) of the mean H at critical
-    positions, the same at t+1, and critical tokens per response."""
-    per_resp, per_resp_next, counts = [], [], []
-    for h, m in zip(entropies, masks):
-        idx = [i for i, flag in enumerate(m) if flag]
-        counts.append(len(idx))
-        if idx:
-            per_resp.append(sum(h[i] for i in idx) / len(idx))
-            nxt = [h[i + 1] for i in idx if i + 1 < len(h)]
-            if nxt:
-                per_resp_next.append(sum(nxt) / len(nxt))
-    return {"critical_entropy": _mean(per_resp), "critical_entropy_next": _mean(per_resp_next),
-            "critical_per_response": _mean(counts) if counts else 0.0,
-            "responses_with_critical": len(per_resp)}

@@ -101,6 +101,7 @@ def train_on(rows, ddp, optimizer, ref_chunks, pixels: PixelSource, cfg: RunConf
     result = train_step(ddp, optimizer, mbs, loss_function(cfg.rl, total, n_micro))
     fwd_bwd = time.perf_counter() - t0
     metrics = reduce_metrics(result["outputs"])
+    metrics["actor/loss"] = result["loss"]
     metrics["time/forward_backward_step"] = fwd_bwd
     metrics["time/logprob_pass"] = logprob_pass
     metrics.update({"actor/grad_norm": result["grad_norm"], "actor/lr": optimizer.param_groups[0]["lr"],
@@ -218,13 +219,13 @@ def run_grpo(cfg: RunConfig) -> dict:
         if r.eval_every and step % r.eval_every == 0 and step < cfg.train.steps:
             evaluate(step)
         if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.train.steps:
-            save_checkpoint(ckpt_root, step, chunks, optimizer, scheduler, _extra(sampler, buffer, rank0),
+            save_checkpoint(ckpt_root, step, chunks, optimizer, scheduler, _extra(sampler, buffer),
                             cfg.checkpoint.keep_last, describe)
         if watch.requested():
             log.text(f"[rl] preemption signal: checkpointing step {step} and exiting for requeue")
             preempted = True
             break
-    save_checkpoint(ckpt_root, step, chunks, optimizer, scheduler, _extra(sampler, buffer, rank0),
+    save_checkpoint(ckpt_root, step, chunks, optimizer, scheduler, _extra(sampler, buffer),
                     cfg.checkpoint.keep_last, describe)
     watch.restore()
     if preempted:
@@ -239,6 +240,6 @@ def run_grpo(cfg: RunConfig) -> dict:
             "chunks": chunks}
 
 
-def _extra(sampler: PromptSampler, buffer: SelectiveSampleBuffer | None, rank0: bool) -> dict:
+def _extra(sampler: PromptSampler, buffer: SelectiveSampleBuffer | None) -> dict:
     """Rank 0 decides the episodes, so its sampler and buffer are the ones that matter (others stay empty)."""
     return {"sampler": sampler.state_dict(), "ssb": buffer.state_dict() if buffer is not None else None}

@@ -23,7 +23,6 @@ from megatron_r1v3.training.step import run_schedule
 
 # summed alongside grpo_loss_pieces' metric vector (after its num_tokens + METRIC_KEYS entries)
 EXTRA_KEYS: tuple[str, ...] = (
-    "loss",  # Σ over microbatches of loss_sum / total_count: the step's loss
     "rollout_tokens",  # fresh (this episode's) response tokens
     "rollout_prob_error",  # Σ exp(|logp_train − logp_rollout|) over fresh tokens
     "crit_resp_sum", "crit_resp_n",  # Σ over responses with a critical token of their mean H there; their count
@@ -45,7 +44,7 @@ def _per_response_mean(values: torch.Tensor, flags: torch.Tensor) -> tuple[torch
 
 
 def policy_loss(rl: RLConfig, total_count: float, scale: float, batch: dict, logits: torch.Tensor):
-    """megatron loss function: (scaled loss, {'loss': share of the step's loss, 'vec': metric sums})."""
+    """megatron loss function: (scaled loss, {'loss': the same, detached, 'vec': metric sums})."""
     mask = batch["mask"]
     if rl.entropy_coef:
         entropy = vocab_parallel_entropy(logits)
@@ -65,10 +64,11 @@ def policy_loss(rl: RLConfig, total_count: float, scale: float, batch: dict, log
         ent = entropy.detach().float()
         crit_sum, crit_n = _per_response_mean(ent, crit)
         next_sum, next_n = _per_response_mean(ent, nxt)
-        share = pieces.loss_sum.detach() / total_count
-        extra = torch.stack([share.double(), fresh.sum().double(), (err * fresh).sum().double(), crit_sum.double(),
+        extra = torch.stack([fresh.sum().double(), (err * fresh).sum().double(), crit_sum.double(),
                              crit_n.double(), next_sum.double(), next_n.double(), crit.sum().double()])
-    return pieces.loss_sum * scale, {"vec": torch.cat([pieces.metric_vector(), extra])}
+    # "loss": train_step averages it over microbatches and DP, which gives exactly Σ loss_sum / total_count
+    loss = pieces.loss_sum * scale
+    return loss, {"loss": loss.detach().clone(), "vec": torch.cat([pieces.metric_vector(), extra])}
 
 
 def count_units(microbatches: list[dict], agg: str) -> float:
@@ -92,7 +92,6 @@ def reduce_metrics(outputs: list[dict]) -> dict[str, float]:
                        group=ps.get_pipeline_model_parallel_group())
     out = metrics_from_vector(vec[: 1 + len(METRIC_KEYS)])
     extra = dict(zip(EXTRA_KEYS, vec[1 + len(METRIC_KEYS):].tolist()))
-    out["actor/loss"] = extra["loss"]
     out["rollout/prob_error"] = extra["rollout_prob_error"] / max(extra["rollout_tokens"], 1.0)
     out["rollout/critical_entropy"] = extra["crit_resp_sum"] / extra["crit_resp_n"] if extra["crit_resp_n"] else 0.0
     out["rollout/critical_entropy_next"] = (extra["crit_next_sum"] / extra["crit_next_n"]

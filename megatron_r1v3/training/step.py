@@ -90,7 +90,7 @@ def train_step(ddp_chunks, optimizer, microbatches: list[dict], loss_fn=token_lo
     ok, grad_norm, _ = optimizer.step()
     loss = 0.0
     if ps.is_pipeline_last_stage(ignore_virtual=True):
-        loss_t = torch.stack([o["loss"] if "loss" in o else torch.zeros(()) for o in outputs]).mean()
+        loss_t = torch.stack([o["loss"] for o in outputs]).mean()
         dist.all_reduce(loss_t, group=ps.get_data_parallel_group())
         loss = float(loss_t) / ps.get_data_parallel_world_size()
     set_phase("train_step: done")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_r1v3.metrics.entropy import critical_entropy_summary, critical_mask
+from megatron_r1v3.metrics.entropy import critical_mask
 from megatron_r1v3.parallel.spawn import run_distributed
 from megatron_r1v3.rl.batch import Rollout, check_image_tokens, microbatch, sequence_length, shard_rows
 from megatron_r1v3.rl.prompts import PromptSampler
@@ -76,8 +76,6 @@ def test_critical_mask_marks_word_starts_inside_think_only():
     starts = [i for i, m in enumerate(mask) if m]
     assert starts == [0, text.index("Wait")]  # "awaiting" is not a word match; after </think> does not count
     assert critical_mask(tok, ids, []) == [False] * len(ids)
-    s = critical_entropy_summary([[1.0, 2.0, 3.0], [0.5, 0.5]], [[True, False, True], [False, False]])
-    assert s["critical_entropy"] == 2.0 and s["critical_entropy_next"] == 2.0 and s["responses_with_critical"] == 1
 
 
 def test_vocab_parallel_entropy_and_logprobs_at_tp2():
@@ -85,3 +83,17 @@ def test_vocab_parallel_entropy_and_logprobs_at_tp2():
     for rank in r:
         assert rank["finite"], "padded -inf vocab rows produced NaN/inf"
         assert rank["entropy"] < 1e-5 and rank["logprob"] < 1e-5 and rank["grad"] < 1e-5, rank
+
+
+def test_spearman_and_ranking_by_hand():
+    from megatron_r1v3.rl.checkpoints import rank_checkpoints, spearman
+
+    assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 4], [1, 3, 2, 4]) == pytest.approx(0.9486833, abs=1e-6)  # ties get average ranks
+    assert spearman([1, 1], [2, 3]) != spearman([1, 1], [2, 3])  # constant input: undefined (NaN)
+    results = [{"checkpoint": c, "accuracy": a, "critical_entropy": h}
+               for c, a, h in (("s1", 0.1, 0.5), ("s2", 0.3, float("nan")), ("s3", 0.2, 0.9))]
+    high = rank_checkpoints(results)
+    assert [r["checkpoint"] for r in high["ranking"]] == ["s3", "s1", "s2"] and high["best"] == "s3"
+    assert high["spearman_vs_accuracy"] == pytest.approx(1.0)  # NaN entries left out of the correlation
+    assert rank_checkpoints(results, prefer="low")["best"] == "s1"

@@ -96,5 +96,4 @@ def test_eval_reproduces_the_runs_heldout_accuracy_and_selection_ranks(sft_root,
     assert names == ["step_00000002", "step_00000004", "step_00000005"]
     ent = [r["critical_entropy"] for r in sel["ranking"] if r["critical_entropy"] == r["critical_entropy"]]
     assert ent == sorted(ent, reverse=True) and sel["best"] == sel["ranking"][0]["checkpoint"]
-    assert -1.0 <= sel["spearman_vs_accuracy"] <= 1.0 or sel["spearman_vs_accuracy"] != sel["spearman_vs_accuracy"]
     assert (sft_root / "select" / "best").read_text().strip() == sel["best"]
