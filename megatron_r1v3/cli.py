@@ -124,12 +124,15 @@ def _size(text: str) -> int:
 
 
 def cmd_convert(args) -> int:
-    """HF <-> Megatron at any TP/PP (tp*pp processes, re-launched under torchrun when needed)."""
-    maybe_relaunch(args.tp * args.pp, sys.argv[1:])
+    """HF -> Megatron: one process for any target TP/PP. Megatron -> HF: tp*pp processes (re-launched under
+    torchrun when needed)."""
+    if args.direction == "megatron-to-hf":
+        maybe_relaunch(args.tp * args.pp, sys.argv[1:])
+    elif not _is_rank0():
+        return 0  # launched on several ranks (srun/torchrun): rank 0 converts alone
     from megatron_r1v3.bridge.convert import ConversionError, hf_to_megatron, megatron_to_hf
     from megatron_r1v3.bridge.hf_io import HFFormatError
     from megatron_r1v3.bridge.mapping import MappingError
-    from megatron_r1v3.parallel import destroy_parallel
 
     t0 = time.perf_counter()
     try:
@@ -141,7 +144,10 @@ def cmd_convert(args) -> int:
         print(f"r1v3 convert: error: {exc}", file=sys.stderr)
         return 1
     finally:
-        destroy_parallel()
+        if args.direction == "megatron-to-hf":
+            from megatron_r1v3.parallel import destroy_parallel
+
+            destroy_parallel()
     if _is_rank0():
         print(f"[r1v3] {args.direction}: {out['tensors']} tensors -> {args.out} in {time.perf_counter() - t0:.1f}s")
         if "seconds" in out:

@@ -277,6 +277,17 @@ class RunConfig:
     output_dir: str = "runs/default"
 
 
+def padded_vocab_size(vocab: int, multiple: int, tp: int) -> int:
+    """Vocab rounded up to `multiple` (independent of TP so checkpoints reshard); must split evenly over TP."""
+    padded = -(-vocab // multiple) * multiple
+    if padded % tp:
+        raise ConfigError(
+            f"padded vocab {padded} (model.language.vocab_size={vocab}, make_vocab_size_divisible_by={multiple})"
+            f" does not split over parallel.tensor={tp}"
+        )
+    return padded
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
     """Preset, then YAML, then `key=value` overrides; returns a typed RunConfig (not yet validated)."""
     from megatron_r1v3.models.presets import get_preset

@@ -36,8 +36,8 @@ def _logits(cfg, chunks, batches):
 
 def reference(workdir: str) -> dict:
     """TP1 model: logits + checkpoint; plus the 3-head ViT unpadded, and padded at TP1 from the same weights."""
+    from megatron_r1v3.bridge.mapping import pad_heads
     from megatron_r1v3.models.build import build_model
-    from megatron_r1v3.models.internvit import pad_heads
     from megatron_r1v3.training.checkpoint import save_model
 
     out = {}
@@ -187,3 +187,25 @@ def four_rank_checks(workdir: str) -> dict:
         workdir, ["parallel.tensor=2", "parallel.pipeline=2", *ADAM], "adam", compare=True
     )
     return out
+
+
+def sharded_layout(megatron_dir: str, tp: int, pp: int) -> dict:
+    """The real model's sharded_state_dict at tp·pp, as {key: (global shape, dtype)} plus ShardedObject unique keys
+    (factories applied, as dist_checkpointing.save does). Used to check the converter's one-process layout."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
+
+    from megatron_r1v3.bridge.convert import _NAMED_DTYPES, build_for_conversion, conversion_run_config, read_meta
+    from megatron_r1v3.training.checkpoint import model_sharded_state_dict
+
+    meta = read_meta(megatron_dir)
+    _, chunks = build_for_conversion(conversion_run_config(meta["model"], _NAMED_DTYPES[meta["dtype"]], tp, pp, None))
+    ssd = model_sharded_state_dict(chunks)
+    apply_factories(ssd)
+    tensors, objects = {}, set()
+    for v in nested_values(ssd):
+        if isinstance(v, ShardedTensor):
+            tensors[v.key] = (tuple(v.global_shape), str(v.dtype))
+        elif isinstance(v, ShardedObject):
+            objects.add(v.unique_key)
+    return {"tensors": tensors, "objects": objects}

@@ -99,6 +99,26 @@ def test_tp2_pp2_checkpoint_loads_at_tp1_pp2_with_same_logits(ckpts):
     assert logit_diff(hf, meg, 1, 2) <= 1e-4
 
 
+def test_one_process_writes_the_layout_the_real_model_saves(ckpts):
+    """Keys, global shapes, dtypes and extra-state objects of the converted checkpoint = the union over TP2·PP2 ranks
+    of the real model's sharded_state_dict (what megatron's own save would write)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from megatron_r1v3.parallel.spawn import run_distributed
+
+    _, meg = ckpts["native"]
+    ranks = run_distributed("tests.mp_workers:sharded_layout", 4, timeout_s=240, megatron_dir=str(meg), tp=2, pp=2)
+    want_tensors = {k: v for r in ranks for k, v in r["tensors"].items()}
+    want_objects = set().union(*(r["objects"] for r in ranks))
+    md = FileSystemReader(str(meg / "model")).read_metadata().state_dict_metadata
+    got_tensors = {k: (tuple(m.size), str(m.properties.dtype)) for k, m in md.items()
+                   if not isinstance(m, BytesStorageMetadata)}
+    got_objects = {k for k, m in md.items() if isinstance(m, BytesStorageMetadata)}
+    assert got_tensors == want_tensors
+    assert got_objects == want_objects and len(want_objects) > 10
+
+
 def _broken_copy(src, dst, edit):
     shutil.copytree(src, dst)
     edit(dst)

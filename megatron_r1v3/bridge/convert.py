@@ -4,6 +4,11 @@ A Megatron checkpoint directory holds `model/` (megatron-core dist_checkpointing
 `r1v3_meta.json` (model config, dtype, source layout) and `hf_assets/` (tokenizer, processor, chat template and the
 original config.json, copied verbatim so a round trip restores them). Output goes to a hidden temporary directory
 that is renamed at the very end: a failed conversion leaves nothing that looks complete.
+
+HF -> Megatron runs in one process whatever the target layout: every name and shape is checked against the config
+from the safetensors headers first, then `bridge/dist_writer.py` writes megatron-core's layout
+(`bridge/mcore_layout.py`) building one tensor at a time. Megatron -> HF runs on tp*pp ranks: it loads the
+checkpoint into the real model and streams full tensors out (`bridge/export.py`), like the vLLM refit.
 """
 
 from __future__ import annotations
@@ -20,18 +25,17 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from megatron_r1v3.bridge.export import iter_hf_tensors
+from megatron_r1v3.bridge.dist_writer import LazyChunk, save_lazy
 from megatron_r1v3.bridge.hf_io import (
     HFCheckpoint,
-    HFFormatError,
     ShardedSafetensorsWriter,
     copy_assets,
     hf_config_from_model,
 )
-from megatron_r1v3.bridge.mapping import MappingError, expected_hf_names, find_rule, to_megatron
-from megatron_r1v3.bridge.shard import full_shape, global_named_parameters, tp_slice
-from megatron_r1v3.config import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig, as_dict
-from megatron_r1v3.parallel.phase import set_phase
+from megatron_r1v3.bridge.mapping import MappingError, expected_hf_names, to_hf, to_megatron
+from megatron_r1v3.bridge.mcore_layout import chunks as megatron_chunks
+from megatron_r1v3.bridge.mcore_layout import extra_state_keys, padded_vocab
+from megatron_r1v3.config import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig, as_dict, validate
 
 META = "r1v3_meta.json"
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -114,67 +118,55 @@ def build_for_conversion(cfg: RunConfig):
     return state, build_model(cfg, init=False)
 
 
-def load_hf_into_model(chunks, hf: HFCheckpoint, model: ModelConfig, progress: bool = False) -> set[str]:
-    """Fill this rank's shards from HF tensors via the mapping table; returns the HF names consumed."""
-    consumed: set[str] = set()
-    params = [(name, p) for chunk in chunks for name, p in global_named_parameters(chunk)]
-    for name, param in tqdm(params, desc="hf->megatron", disable=not progress, unit="tensor"):
-        set_phase(f"hf->megatron {name}")
-        rule, _ = find_rule(name)
-        try:
-            full, names = to_megatron(name, hf.get, model, hf.layout)
-        except (RuntimeError, ValueError) as exc:  # reshape failures: tensors do not fit the config
-            raise MappingError(f"HF tensors for {name} do not fit config.json ({hf.path}): {exc}") from exc
-        if tuple(full.shape) != full_shape(param):
-            shapes = {n: tuple(hf.get(n).shape) for n in names}
-            raise MappingError(
-                f"shape mismatch: HF {shapes} gives Megatron {name} {tuple(full.shape)}, but config.json"
-                f" ({hf.path}) implies {full_shape(param)}"
-            )
-        with torch.no_grad():
-            param.copy_(tp_slice(full, param, rule.tp_gated).to(param.dtype))
-        consumed.update(names)
-    return consumed
+def plan_hf_to_megatron(hf: HFCheckpoint, model: ModelConfig, dtype: torch.dtype) -> list[LazyChunk]:
+    """Check every HF name and shape against the config (headers only, nothing read) and return the lazy chunks of
+    the Megatron checkpoint. Raises MappingError naming the tensor: missing, unexpected, or not fitting config.json."""
+    plan, used = [], set()
+    for c in megatron_chunks(model):
+        # the HF tensors the config implies (shape ops on meta tensors: nothing allocated) vs the file headers
+        for name, want in to_hf(c.name, torch.empty(c.shape, dtype=dtype, device="meta"), model, hf.layout):
+            got = tuple(hf.meta(name).shape)  # raises MappingError naming a missing tensor
+            if got != tuple(want.shape):
+                raise MappingError(f"shape mismatch: HF {name} is {got}, but config.json ({hf.path}) implies"
+                                   f" {tuple(want.shape)} (for Megatron {c.name} {c.shape})")
+            used.add(name)
+
+        def make(name=c.name, sizes=c.sizes):
+            return to_megatron(name, hf.get, model, hf.layout)[0].to(dtype).reshape(sizes)
+
+        plan.append(LazyChunk(c.key, c.global_shape, c.offset, c.sizes, dtype, make))
+    unexpected = sorted(set(hf.names()) - used)
+    if unexpected:
+        raise MappingError(f"unexpected tensor(s) in {hf.path}: {', '.join(unexpected[:10])}"
+                           + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
+    return plan
 
 
-def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, vpp: int | None = None) -> dict:
-    """Collective over tp*pp ranks. Returns {'tensors': number of HF tensors converted}."""
+def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, vpp: int | None = None,
+                   progress: bool = True, fsync: bool = True) -> dict:
+    """One process for any target TP/PP (checked to be a valid layout for the model). Returns
+    {'tensors': HF tensors converted, 'seconds': phase timers}."""
     t = {"start": time.perf_counter()}
     hf = HFCheckpoint(hf_dir)
     model, dtype = hf.model_config(), hf.dtype()
-    cfg = conversion_run_config(model, dtype, tp, pp, vpp)
-    from megatron_r1v3.training.checkpoint import save_model
-
-    state, chunks = build_for_conversion(cfg)
-    t["built"] = time.perf_counter()
-    err, consumed = None, set()
-    try:
-        consumed = load_hf_into_model(chunks, hf, model, progress=state.rank == 0)
-    except (MappingError, HFFormatError) as exc:
-        err = exc
-    agree_on_errors(err)
-    everything = [consumed]
-    if dist.get_world_size() > 1:
-        everything = [None] * dist.get_world_size()
-        dist.all_gather_object(everything, consumed)
-    used = set().union(*everything)
-    unexpected = sorted(set(hf.names()) - used)
-    agree_on_errors(MappingError(f"unexpected tensor(s) in {hf_dir}: {', '.join(unexpected[:10])}"
-                                 + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
-                    if unexpected else None)
-    t["loaded"] = time.perf_counter()
+    validate(conversion_run_config(model, dtype, tp, pp, vpp), world_size=tp * pp)
+    padded_vocab(model, tp)  # raises ConfigError when the padded vocab does not split over TP
+    plan = plan_hf_to_megatron(hf, model, dtype)
+    objects = {key: None for key in extra_state_keys(model)}  # linear layers' `_extra_state` (None: no FP8 state)
+    t["planned"] = time.perf_counter()
     with atomic_output_dir(Path(out_dir)) as tmp:
-        save_model(chunks, tmp / "model")
+        (tmp / "model").mkdir()
+        with tqdm(total=len(plan) + len(objects), desc="hf->megatron", unit="tensor", disable=not progress) as bar:
+            save_lazy(tmp / "model", plan, objects, on_item=bar.update, fsync=fsync)
         t["saved"] = time.perf_counter()
-        if state.rank == 0:
-            meta = {"format": 1, "model": as_dict(model), "dtype": _DTYPE_NAMES[dtype], "source_layout": hf.layout,
-                    "source": str(Path(hf_dir).resolve()), "saved_at": {"tp": tp, "pp": pp, "vpp": vpp}}
-            (tmp / META).write_text(json.dumps(meta, indent=2))
-            copy_assets([*hf.asset_files(), hf.path / "config.json"], tmp / "hf_assets")
+        meta = {"format": 1, "model": as_dict(model), "dtype": _DTYPE_NAMES[dtype], "source_layout": hf.layout,
+                "source": str(Path(hf_dir).resolve()), "saved_at": {"tp": tp, "pp": pp, "vpp": vpp}}
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        copy_assets([*hf.asset_files(), hf.path / "config.json"], tmp / "hf_assets")
     t["done"] = time.perf_counter()
-    phases = {"init+build": t["built"] - t["start"], "read+transform": t["loaded"] - t["built"],
-              "dist_checkpointing save": t["saved"] - t["loaded"], "finish": t["done"] - t["saved"]}
-    return {"tensors": len(used), "seconds": phases}
+    phases = {"check names+shapes": t["planned"] - t["start"], "read+transform+write": t["saved"] - t["planned"],
+              "finish": t["done"] - t["saved"]}
+    return {"tensors": len(hf.names()), "seconds": phases}
 
 
 def write_training_meta(cfg, tokenizer_dir: str | Path, out_dir: str | Path) -> None:
@@ -205,6 +197,7 @@ def megatron_to_hf(
     max_shard_bytes: int = 5 * 2**30,
 ) -> dict:
     """Collective over tp*pp ranks; rank 0 writes sharded safetensors + index, config.json and the assets."""
+    from megatron_r1v3.bridge.export import iter_hf_tensors
     from megatron_r1v3.training.checkpoint import load_model
 
     meta = read_meta(megatron_dir)

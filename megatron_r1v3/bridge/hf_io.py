@@ -1,17 +1,17 @@
 """HF checkpoints on disk: layout detection, config <-> ModelConfig, lazy tensor reads, size-bounded sharded writes.
 
-Reads are per tensor (`safetensors.safe_open`), so no process ever holds a whole checkpoint.
+Reads are per tensor (plain reads at the header's offsets), so no process ever holds a whole checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_r1v3.bridge.mapping import MappingError
@@ -25,6 +25,9 @@ ASSET_NAMES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.js
                "chat_template.json", "generation_config.json", "video_preprocessor_config.json"}
 _REMOTE_TYPES = {"internvl_chat", "skywork_chat"}
 _REMOTE_ARCHS = {"InternVLChatModel", "SkyworkR1VChatModel"}
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 class HFFormatError(ValueError):
@@ -169,6 +172,50 @@ def hf_config_from_model(model: ModelConfig, layout: str, dtype: torch.dtype) ->
     )
 
 
+class SafetensorsFile:
+    """One .safetensors file read with plain `pread`s: the header once, then each tensor into fresh memory.
+
+    safetensors' own reader memory-maps the file, and every page it touches counts towards the process RSS until the
+    handle closes; a converter reading a whole checkpoint through open handles would look as large as the
+    checkpoint. Format: u64 little-endian header size, JSON header {name: {dtype, shape, data_offsets}}, data.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            try:
+                header = json.loads(fh.read(size))
+            except ValueError as exc:
+                raise HFFormatError(f"{self.path}: not a safetensors file ({exc})") from exc
+        header.pop("__metadata__", None)
+        self.header, self._data_start, self._file_size = header, 8 + size, self.path.stat().st_size
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self.header[name]["dtype"]
+        if code not in _SAFETENSORS_DTYPES:
+            raise HFFormatError(f"{self.path}: tensor {name!r} has unsupported dtype {code}")
+        return _SAFETENSORS_DTYPES[code]
+
+    def read(self, name: str) -> torch.Tensor:
+        entry, dtype = self.header[name], self.dtype(name)
+        begin, end = entry["data_offsets"]
+        nbytes = end - begin
+        if self._data_start + end > self._file_size or nbytes != math.prod(entry["shape"]) * dtype.itemsize:
+            raise HFFormatError(f"{self.path}: tensor {name!r} has inconsistent offsets {entry['data_offsets']}"
+                                f" for shape {entry['shape']} {entry['dtype']} (truncated or corrupt file?)")
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        with open(self.path, "rb", buffering=0) as fh:
+            fh.seek(self._data_start + begin)
+            while done < nbytes:  # one read() moves at most ~2 GiB on Linux
+                got = fh.readinto(view[done:])
+                if not got:
+                    raise HFFormatError(f"{self.path}: short read of tensor {name!r}")
+                done += got
+        return buf.view(dtype).reshape(entry["shape"])
+
+
 class HFCheckpoint:
     """A read-only HF model directory: config, layout, and tensors read one at a time."""
 
@@ -189,10 +236,9 @@ class HFCheckpoint:
             if not files:
                 raise HFFormatError(f"{self.path}: no *.safetensors files and no {INDEX}")
             for f in files:
-                with safe_open(str(f), framework="pt") as h:
-                    for name in h.keys():
-                        self._where[name] = f
-        self._handles: dict[Path, object] = {}
+                for name in SafetensorsFile(f).header:
+                    self._where[name] = f
+        self._handles: dict[Path, SafetensorsFile] = {}
 
     def model_config(self) -> ModelConfig:
         return model_config_from_hf(self.config, self.layout, self.path)
@@ -200,21 +246,33 @@ class HFCheckpoint:
     def names(self) -> list[str]:
         return list(self._where)
 
-    def _handle(self, f: Path):
+    def _handle(self, f: Path) -> "SafetensorsFile":
         if f not in self._handles:
             if not f.is_file():
                 raise HFFormatError(f"{f} is listed in {INDEX} but does not exist")
-            self._handles[f] = safe_open(str(f), framework="pt")
+            self._handles[f] = SafetensorsFile(f)
         return self._handles[f]
+
+    def _entry(self, name: str) -> tuple["SafetensorsFile", dict]:
+        if name not in self._where:
+            raise MappingError(f"missing tensor {name!r} in {self.path}")
+        f = self._handle(self._where[name])
+        if name not in f.header:
+            raise HFFormatError(f"{f.path} does not hold tensor {name!r} (the file {INDEX} names)")
+        return f, f.header[name]
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor; a missing name raises MappingError naming it and the directory."""
-        if name not in self._where:
-            raise MappingError(f"missing tensor {name!r} in {self.path}")
-        return self._handle(self._where[name]).get_tensor(name)
+        f, _ = self._entry(name)
+        return f.read(name)
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A tensor's shape and dtype as a meta tensor, from the file header (no data read)."""
+        f, entry = self._entry(name)
+        return torch.empty(entry["shape"], dtype=f.dtype(name), device="meta")
 
     def dtype(self) -> torch.dtype:
-        return self.get(next(iter(self._where))).dtype
+        return self.meta(next(iter(self._where))).dtype
 
     def asset_files(self) -> list[Path]:
         return [p for p in self.path.iterdir() if p.is_file() and (p.name in ASSET_NAMES or p.suffix in ASSET_SUFFIXES)]

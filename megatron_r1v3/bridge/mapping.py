@@ -20,8 +20,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from megatron_r1v3.config import ModelConfig
-from megatron_r1v3.models.internvit import pad_heads, strip_heads
+from megatron_r1v3.config import ModelConfig, VisionConfig, padded_vocab_size
 
 LAYOUTS = ("remote", "native")
 
@@ -46,14 +45,9 @@ def _direct() -> Transform:
     return Transform("direct", lambda ts, m: ts[0], lambda t, m: [t])
 
 
-def _padded_vocab(m: ModelConfig) -> int:
-    lm = m.language
-    return -(-lm.vocab_size // lm.make_vocab_size_divisible_by) * lm.make_vocab_size_divisible_by
-
-
 def _vocab_to_megatron(ts, m):
     t = ts[0]
-    pad = _padded_vocab(m) - t.shape[0]
+    pad = padded_vocab_size(m.language.vocab_size, m.language.make_vocab_size_divisible_by, 1) - t.shape[0]
     return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad > 0 else t
 
 
@@ -76,6 +70,33 @@ def _gqa_to_hf(t, m):
     g = t.reshape(ng, (r + 2) * d, *tail)
     q, k, v = g[:, : r * d], g[:, r * d : (r + 1) * d], g[:, (r + 1) * d :]
     return [x.reshape(-1, *tail).contiguous() for x in (q, k, v)]
+
+
+def pad_heads(tensor: torch.Tensor, kind: str, vcfg: VisionConfig, padded_heads: int) -> torch.Tensor:
+    """Full (unsharded) real-head tensor -> zero-padded to `padded_heads`. kind: qkv | norm | proj."""
+    extra, d = padded_heads - vcfg.num_heads, vcfg.head_dim
+    if extra == 0:
+        return tensor
+    if kind == "qkv":  # megatron layout [heads, 3, d, H]
+        t = tensor.view(vcfg.num_heads, 3 * d, -1)
+        return torch.cat([t, t.new_zeros(extra, 3 * d, t.shape[-1])]).reshape(-1, t.shape[-1])
+    if kind == "norm":
+        return torch.cat([tensor, tensor.new_zeros(extra * d)])
+    if kind == "proj":
+        return torch.cat([tensor, tensor.new_zeros(tensor.shape[0], extra * d)], dim=1)
+    raise ValueError(f"unknown ViT head-padding kind {kind!r}")
+
+
+def strip_heads(tensor: torch.Tensor, kind: str, vcfg: VisionConfig) -> torch.Tensor:
+    """Inverse of `pad_heads`: keep the real heads only (exports are always unpadded)."""
+    real, d = vcfg.num_heads, vcfg.head_dim
+    if kind == "qkv":
+        return tensor.view(-1, 3 * d, tensor.shape[-1])[:real].reshape(-1, tensor.shape[-1])
+    if kind == "norm":
+        return tensor[: real * d]
+    if kind == "proj":
+        return tensor[:, : real * d]
+    raise ValueError(f"unknown ViT head-padding kind {kind!r}")
 
 
 def _vit_fused_to_megatron(ts, m):
@@ -254,8 +275,8 @@ def layer_count(space: str, model: ModelConfig) -> int:
     return model.language.num_layers if space == "decoder" else model.vision.num_layers
 
 
-def expected_hf_names(model: ModelConfig, layout: str) -> Iterator[str]:
-    """Every HF tensor name a checkpoint of this model must hold, in table order (the conversion/refit manifest)."""
+def megatron_parameters(model: ModelConfig) -> Iterator[tuple[Rule, int | None, str]]:
+    """(rule, layer, canonical name) of every Megatron parameter of this model, in table order."""
     for rule in RULES:
         if rule.megatron[0] == "language_model.output_layer.weight" and model.language.tie_embeddings:
             continue
@@ -264,7 +285,13 @@ def expected_hf_names(model: ModelConfig, layout: str) -> Iterator[str]:
                 continue
         space = rule.layer_space
         for layer in range(layer_count(space, model)) if space else [None]:
-            yield from hf_names(rule, layer, layout)
+            yield rule, layer, rule.megatron[0].replace("{i}", str(layer))
+
+
+def expected_hf_names(model: ModelConfig, layout: str) -> Iterator[str]:
+    """Every HF tensor name a checkpoint of this model must hold, in table order (the conversion/refit manifest)."""
+    for rule, layer, _ in megatron_parameters(model):
+        yield from hf_names(rule, layer, layout)
 
 
 def convert_layout(

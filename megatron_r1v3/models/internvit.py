@@ -226,29 +226,3 @@ def padding_parameter_count(vcfg: VisionConfig) -> int:
     per_layer = extra * vcfg.hidden_size * 4 + (2 * extra if vcfg.qk_normalization else 0)  # qkv (3x) + proj
     return per_layer * vcfg.num_layers
 
-
-def pad_heads(tensor: torch.Tensor, kind: str, vcfg: VisionConfig, padded_heads: int) -> torch.Tensor:
-    """Full (unsharded) real-head tensor -> zero-padded to `padded_heads`. kind: qkv | norm | proj."""
-    extra, d = padded_heads - vcfg.num_heads, vcfg.head_dim
-    if extra == 0:
-        return tensor
-    if kind == "qkv":  # megatron layout [heads, 3, d, H]
-        t = tensor.view(vcfg.num_heads, 3 * d, -1)
-        return torch.cat([t, t.new_zeros(extra, 3 * d, t.shape[-1])]).reshape(-1, t.shape[-1])
-    if kind == "norm":
-        return torch.cat([tensor, tensor.new_zeros(extra * d)])
-    if kind == "proj":
-        return torch.cat([tensor, tensor.new_zeros(tensor.shape[0], extra * d)], dim=1)
-    raise ValueError(f"unknown ViT head-padding kind {kind!r}")
-
-
-def strip_heads(tensor: torch.Tensor, kind: str, vcfg: VisionConfig) -> torch.Tensor:
-    """Inverse of `pad_heads`: keep the real heads only (exports are always unpadded)."""
-    real, d = vcfg.num_heads, vcfg.head_dim
-    if kind == "qkv":
-        return tensor.view(-1, 3 * d, tensor.shape[-1])[:real].reshape(-1, tensor.shape[-1])
-    if kind == "norm":
-        return tensor[: real * d]
-    if kind == "proj":
-        return tensor[:, : real * d]
-    raise ValueError(f"unknown ViT head-padding kind {kind!r}")

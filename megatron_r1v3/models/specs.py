@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_r1v3.config import ConfigError, RunConfig
+from megatron_r1v3.config import ConfigError, RunConfig, padded_vocab_size  # noqa: F401 (re-export)
 from megatron_r1v3.parallel import te_available
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,17 +31,6 @@ def params_dtype(cfg: RunConfig) -> torch.dtype:
     if name == "auto":
         name = "bf16" if torch.cuda.is_available() else "fp32"
     return _DTYPES[name]
-
-
-def padded_vocab_size(vocab: int, multiple: int, tp: int) -> int:
-    """Vocab rounded up to `multiple` (independent of TP so checkpoints reshard); must split evenly over TP."""
-    padded = -(-vocab // multiple) * multiple
-    if padded % tp:
-        raise ConfigError(
-            f"padded vocab {padded} (model.language.vocab_size={vocab}, make_vocab_size_divisible_by={multiple})"
-            f" does not split over parallel.tensor={tp}"
-        )
-    return padded
 
 
 def _common(cfg: RunConfig) -> dict:

@@ -1,7 +1,8 @@
 """Process groups and megatron-core parallel state; importing this package installs the CPU shim when CUDA is absent.
 
 Every module that imports megatron-core imports this package first, so the shim is in place before megatron-core
-binds any CUDA call (it is a no-op on GPU machines).
+binds any CUDA call (it is a no-op on GPU machines). megatron-core itself is imported only when a process-group
+helper is first used.
 """
 
 import warnings
@@ -25,12 +26,16 @@ from megatron_r1v3.parallel.cpu_shim import apply_cpu_shim  # noqa: E402
 
 apply_cpu_shim()
 
-from megatron_r1v3.parallel.init import (  # noqa: E402
-    ParallelState,
-    destroy_parallel,
-    init_parallel,
-    set_model_parallel,
-    te_available,
-)
+_INIT_NAMES = ("ParallelState", "destroy_parallel", "init_parallel", "set_model_parallel", "te_available")
 
-__all__ = ["ParallelState", "apply_cpu_shim", "destroy_parallel", "init_parallel", "set_model_parallel", "te_available"]
+
+def __getattr__(name: str):
+    """Process-group helpers load megatron-core on first use, so config/conversion tools start without it."""
+    if name in _INIT_NAMES:
+        from megatron_r1v3.parallel import init
+
+        return getattr(init, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["apply_cpu_shim", *_INIT_NAMES]

@@ -7,13 +7,18 @@ What it changes:
   1. `torch.cuda.current_device()` -> 0; `set_device/synchronize/empty_cache` -> no-ops; streams/events -> inert.
   2. torch factory functions, `Tensor.new_*`, `Tensor.to/.cuda()` given a CUDA device (or a bare index) -> CPU.
   3. `Tensor.type()` reports `torch.cuda.*Tensor` for CPU tensors (megatron's optimizer asserts on it).
-  4. megatron's CUDA RNG tracker forks the CPU generator; `torch.cuda.manual_seed/get_rng_state` use the CPU one.
+  4. megatron's CUDA RNG tracker forks the CPU generator; `torch.cuda.manual_seed/get_rng_state` use the CPU one
+     (patched the moment megatron-core's RNG module is first imported, so tools that never import megatron-core,
+     like HF -> Megatron conversion, start without paying for it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.abc
+import importlib.util
+import sys
 from typing import Any
 
 import torch
@@ -135,8 +140,8 @@ def _patch_torch() -> None:
     cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
-def _patch_megatron_rng() -> None:
-    from megatron.core.tensor_parallel import random as mrandom
+def _patch_megatron_rng(mrandom) -> None:
+    """Patch megatron.core.tensor_parallel.random (the module object)."""
 
     class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
         """megatron's tracker with the CPU generator; no 'CPU RNG changed' warning (it *is* the CPU RNG)."""
@@ -188,6 +193,33 @@ def apply_cpu_shim(force: bool = False) -> bool:
     if torch.cuda.is_available() and not force:
         return False
     _patch_torch()
-    _patch_megatron_rng()
+    if _RNG_MODULE in sys.modules:
+        _patch_megatron_rng(sys.modules[_RNG_MODULE])
+    else:  # megatron-core not imported yet (and maybe never: conversion, config tools): patch it when it is
+        sys.meta_path.insert(0, _AfterImport(_RNG_MODULE, _patch_megatron_rng))
     _APPLIED = True
     return True
+
+
+_RNG_MODULE = "megatron.core.tensor_parallel.random"
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Calls `fn(module)` right after module `name` has executed, before any importer can bind its names."""
+
+    def __init__(self, name: str, fn):
+        self.name, self.fn = name, fn
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # once; the regular finders locate the module
+        spec = importlib.util.find_spec(fullname)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            self.fn(module)
+
+        spec.loader.exec_module = exec_module
+        return spec

@@ -1,5 +1,4 @@
-"""Bytes per GPU of one training layout, from the shapes the model builds (arithmetic only; megatron-core is
-imported just for `padded_vocab_size`).
+"""Bytes per GPU of one training layout, from the shapes the model builds (arithmetic only).
 
 Parameters per pipeline stage follow `models/build.py`: ViT + connector + word embedding on the first (virtual)
 stage, decoder layers split by PP/VPP (`first_stage_layers` = megatron `num_layers_in_first_pipeline_stage`), final
@@ -16,7 +15,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from megatron_r1v3.config import LanguageConfig, ModelConfig, VisionConfig
+from megatron_r1v3.config import LanguageConfig, ModelConfig, VisionConfig, padded_vocab_size
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GIB = 2**30
@@ -70,9 +69,7 @@ class Layout:
 
 
 def padded_vocab(lm: LanguageConfig, tp: int) -> int:
-    """The vocab the model allocates (`models.specs.padded_vocab_size`)."""
-    from megatron_r1v3.models.specs import padded_vocab_size  # lazy: pulls in megatron-core
-
+    """The vocab the model allocates (`config.padded_vocab_size`)."""
     return padded_vocab_size(lm.vocab_size, lm.make_vocab_size_divisible_by, tp)
 
 
