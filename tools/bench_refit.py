@@ -2,8 +2,9 @@
 """Refit speed and RL step overhead, measured in one run on this machine (issue 5). Needs vLLM (the vLLM venv).
 
 1. Refit ratio, a decoder of a few hundred MB (fp32) trained at TP2·PP2 (4 gloo processes), engine on rank 0:
-     refit    = wall time of `rollout.refit.push_weights` (TP gather + PP broadcast of the HF-named stream through
-                the mapping table, manifest check, vLLM `reload_weights` bucket by bucket, cache reset);
+     refit    = wall time of `rollout.refit.push_weights` (the HF-named stream to rank 0 through the mapping table,
+                manifest check, vLLM `reload_weights` bucket by bucket, cache reset), for both transports of
+                `bridge.export`: shared memory (the default on one host) and point-to-point (gloo gather + send);
      baseline = one in-memory copy of all weights on rank 0: `dst.copy_(src)` into preallocated tensors, and
                 `src.clone()` (allocating, as a fresh state dict would); both printed.
    Target: refit / baseline <= 3.
@@ -51,15 +52,19 @@ def refit_worker(workdir: str, repeats: int, bucket_mb: int) -> dict:
         model_dir = write_vllm_model_dir(f"{workdir}/vllm", cfg.model, tok, torch.float32, seed=1, max_tiles=4)
         engine = RolloutEngine(model_dir, max_model_len=256, kv_cache_bytes=64 * 2**20)
     dist.barrier()
-    push_weights(engine, iter_hf_tensors(chunks, cfg.model, "native"), names, bucket_bytes=bucket_mb * 2**20)  # warm
-    times, stats = [], None
-    for _ in range(repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
-        stats = push_weights(engine, iter_hf_tensors(chunks, cfg.model, "native"), names,
-                             bucket_bytes=bucket_mb * 2**20)
-        dist.barrier()
-        times.append(time.perf_counter() - t0)
+    times, loads, stats = {}, {}, None
+    for transport in ("shm", "p2p"):
+        stream = iter_hf_tensors(chunks, cfg.model, "native", transport=transport)
+        push_weights(engine, stream, names, bucket_bytes=bucket_mb * 2**20)  # warm-up
+        times[transport], loads[transport] = [], []
+        for _ in range(repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            stats = push_weights(engine, iter_hf_tensors(chunks, cfg.model, "native", transport=transport), names,
+                                 bucket_bytes=bucket_mb * 2**20)
+            dist.barrier()
+            times[transport].append(time.perf_counter() - t0)
+            loads[transport].append(stats.load_seconds)
     full = [(n, t.clone()) for n, t in iter_hf_tensors(chunks, cfg.model, "native")]  # collective
     out = {}
     if rank == 0:
@@ -74,9 +79,10 @@ def refit_worker(workdir: str, repeats: int, bucket_mb: int) -> dict:
             fresh = [t.clone() for _, t in full]  # with allocation (first-touch page faults), like a new state dict
             clones.append(time.perf_counter() - t0)
             del fresh
-        out = {"refit_s": statistics.median(times), "copy_s": statistics.median(copies),
+        out = {"refit_s": {k: statistics.median(v) for k, v in times.items()},
+               "load_s": {k: statistics.median(v) for k, v in loads.items()}, "copy_s": statistics.median(copies),
                "clone_s": statistics.median(clones), "bytes": stats.bytes, "tensors": stats.tensors,
-               "buckets": stats.buckets, "load_s": stats.load_seconds}
+               "buckets": stats.buckets}
         engine.close()
     dist.barrier()
     return out
@@ -113,10 +119,13 @@ def main() -> None:
     mb = r["bytes"] / 2**20
     print(f"refit: {r['tensors']} tensors, {mb:.0f} MiB fp32 at TP2·PP2, {r['buckets']} buckets of <= "
           f"{args.bucket_mb} MiB")
-    print(f"  refit {r['refit_s']:.3f} s, of which vLLM reload_weights {r['load_s']:.3f} s")
-    print(f"  one in-memory copy: into preallocated tensors {r['copy_s']:.3f} s -> ratio "
-          f"{r['refit_s'] / r['copy_s']:.1f}; clone (allocating) {r['clone_s']:.3f} s -> ratio "
-          f"{r['refit_s'] / r['clone_s']:.1f} (target <= 3)")
+    print(f"  one in-memory copy: into preallocated tensors (copy_) {r['copy_s']:.3f} s; allocating (clone) "
+          f"{r['clone_s']:.3f} s")
+    for t in ("shm", "p2p"):
+        refit, load = r["refit_s"][t], r["load_s"][t]
+        print(f"  refit ({t}) {refit:.3f} s, of which vLLM reload_weights {load:.3f} s -> ratio "
+              f"{refit / r['copy_s']:.1f} vs copy_, {refit / r['clone_s']:.1f} vs clone (target <= 3); "
+              f"ours without vLLM's reload: {(refit - load) / r['copy_s']:.1f} vs copy_")
     print(f"RL step (tiny, TP2, {args.rl_steps} steps, first dropped): step {rl['time/step']:.3f} s = generate "
           f"{rl['time/generate']:.3f} + forward/backward/step {rl['time/forward_backward_step']:.3f} + refit "
           f"{rl['refit/seconds']:.3f} + rest (reward {rl['time/reward']:.3f}, batching, broadcast, logging)")

@@ -210,7 +210,7 @@ def megatron_to_hf(
     with atomic_output_dir(Path(out_dir)) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes) if state.rank == 0 else None
         err = None
-        stream = iter_hf_tensors(chunks, model, layout)
+        stream = iter_hf_tensors(chunks, model, layout, transport="p2p")  # one pass: no shared-memory mirror
         for hf_name, tensor in tqdm(stream, desc="megatron->hf", disable=state.rank != 0, unit="tensor"):
             if writer is not None and err is None:
                 try:

@@ -49,14 +49,21 @@ def tp_slice(full: torch.Tensor, param: torch.Tensor, gated: bool) -> torch.Tens
     return full.chunk(tp, dim=dim)[rank]
 
 
-def tp_gather(param: torch.Tensor, gated: bool) -> torch.Tensor:
-    """Full tensor from every TP rank's shard (collective over the TP group)."""
+def tp_gather_to_first(param: torch.Tensor, gated: bool) -> torch.Tensor | None:
+    """Full tensor on TP rank 0 from every TP rank's shard (collective over the TP group); None on the others."""
     local = param.detach()
     if not is_tp_sharded(param):
-        return local
+        return local if ps.get_tensor_model_parallel_rank() == 0 else None
     tp, dim = ps.get_tensor_model_parallel_world_size(), param.partition_dim
-    parts = [torch.empty_like(local) for _ in range(tp)]
-    dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+    group = ps.get_tensor_model_parallel_group()
+    first = ps.get_tensor_model_parallel_rank() == 0
+    parts = [torch.empty_like(local) for _ in range(tp)] if first else None
+    dist.gather(local.contiguous(), parts, dst=dist.get_global_rank(group, 0), group=group)
+    return join_tp_parts(parts, dim, gated) if first else None
+
+
+def join_tp_parts(parts: list[torch.Tensor], dim: int, gated: bool) -> torch.Tensor:
+    """The full tensor from its TP shards in TP order (gated: shard r is [gate_r; up_r])."""
     if gated:
         halves = [p.chunk(2, dim=dim) for p in parts]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)

@@ -10,9 +10,10 @@ that module uninitialised, silently. So a bucket closes only when the next tenso
 layer (or another non-layer module), and before it is sent, every group in it is checked complete - vLLM never sees
 a partial group, and a dropped tensor is reported before anything of its layer is loaded.
 
-Colocated: the stream (`bridge.export.iter_hf_tensors`) is a collective over the TP/PP groups, so every rank drains
-it and runs the same manifest check (all ranks fail at the same tensor, none hangs); only the rank that hosts the
-engine (`engine is not None`) loads.
+Colocated: the stream (`bridge.export.iter_hf_tensors`) is a collective over the TP/PP groups that delivers data to
+the engine's rank only (the others see meta tensors with the same names and shapes), so every rank drains it and
+runs the same manifest check (all ranks fail at the same tensor, none hangs); only the rank that hosts the engine
+(`engine is not None`) loads.
 """
 
 from __future__ import annotations

@@ -1,0 +1,110 @@
+"""Shared-memory transport for the Megatron -> one-rank stream (`bridge/export.py`) on a host-memory model.
+
+When every rank of the destination's model-parallel group runs on the destination's host and the weights live in
+host memory (CPU training, the laptop/CI path), each rank keeps a mirror of its parameter shards in a file under
+/dev/shm that the destination maps once. A push is then one local copy per rank, all ranks in parallel, and one
+read per tensor on the destination: the CPU counterpart of CUDA-IPC buckets, instead of a gloo gather + send of
+every tensor through TCP loopback. The files are unlinked as soon as every rank has mapped them (nothing is left
+in /dev/shm, even after a crash); the mappings live as long as the model.
+
+Cost: host memory for one extra copy of each rank's shards (the mirror), allocated on the first push.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_r1v3.bridge.shard import global_named_parameters, is_tp_sharded
+
+SHM_DIR = "/dev/shm"
+_ALIGN = 64
+_MIRRORS: "weakref.WeakKeyDictionary[torch.nn.Module, SharedShards | None]" = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class _Slot:
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    tp_rank: int
+    partition_dim: int | None  # None: replicated over TP (every TP rank holds the whole tensor)
+
+
+def _view(storage: torch.UntypedStorage, slot: _Slot) -> torch.Tensor:
+    numel = 1
+    for s in slot.shape:
+        numel *= s
+    flat = torch.empty(0, dtype=slot.dtype).set_(storage, slot.offset // slot.dtype.itemsize, (numel,))
+    return flat.view(slot.shape)
+
+
+class SharedShards:
+    """This rank's parameter mirror in shared memory; on the destination, every rank's mirror mapped."""
+
+    def __init__(self, chunks, dst: int, group):
+        self.group, self.rank, self.dst = group, dist.get_rank(), dst
+        self.params = {name: p for chunk in chunks for name, p in global_named_parameters(chunk)}
+        slots, offset = {}, 0
+        for name, p in self.params.items():
+            dim = p.partition_dim if is_tp_sharded(p) else None
+            slots[name] = _Slot(offset, tuple(p.shape), p.dtype, ps.get_tensor_model_parallel_rank(), dim)
+            offset += -(-p.numel() * p.element_size() // _ALIGN) * _ALIGN
+        token = [uuid.uuid4().hex if self.rank == dst else None]
+        dist.broadcast_object_list(token, src=dst, group=group)
+        path, nbytes = f"{SHM_DIR}/r1v3-shards-{token[0]}-{self.rank}", max(offset, _ALIGN)
+        self.storage = torch.UntypedStorage.from_file(path, shared=True, nbytes=nbytes)
+        self.mine = {name: _view(self.storage, s) for name, s in slots.items()}
+        layouts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(layouts, (self.rank, path, nbytes, slots), group=group)
+        self.remote: dict[str, list[tuple[torch.Tensor, _Slot]]] = {}  # name -> [(view, slot)] by TP rank
+        if self.rank == dst:
+            for rank, rpath, rbytes, rslots in layouts:
+                storage = self.storage if rank == self.rank else torch.UntypedStorage.from_file(
+                    rpath, shared=True, nbytes=rbytes)
+                for name, slot in rslots.items():
+                    self.remote.setdefault(name, []).append((_view(storage, slot), slot))
+            for parts in self.remote.values():
+                parts.sort(key=lambda vs: vs[1].tp_rank)
+        dist.barrier(group=group)  # every file mapped: remove the names
+        os.unlink(path)
+
+    def publish(self) -> None:
+        """Collective: copy this rank's current shards into its mirror; afterwards the destination may read."""
+        with torch.no_grad():
+            for name, p in self.params.items():
+                self.mine[name].copy_(p.detach())
+        dist.barrier(group=self.group)
+
+    def parts(self, name: str) -> tuple[list[torch.Tensor], int | None]:
+        """(the TP shards of `name` in TP order, the partition dim or None if replicated) - destination only."""
+        parts = self.remote[name]
+        dim = parts[0][1].partition_dim
+        return ([v for v, _ in parts] if dim is not None else [parts[0][0]]), dim
+
+    def done(self) -> None:
+        """Collective: the destination has read everything; mirrors may be overwritten by the next push."""
+        dist.barrier(group=self.group)
+
+
+def shared_shards(chunks, dst: int) -> SharedShards | None:
+    """The mirror for these model chunks (created on first use, collective over the model-parallel group), or None
+    when shared memory cannot serve: weights not in host memory, ranks on several hosts, or no /dev/shm."""
+    key = chunks[0]
+    if key in _MIRRORS:
+        return _MIRRORS[key]
+    group = ps.get_model_parallel_group()
+    device = next(p for chunk in chunks for p in chunk.parameters()).device
+    here = (socket.gethostname(), device.type == "cpu" and os.path.isdir(SHM_DIR))
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, here, group=group)
+    usable = all(h == (everyone[0][0], True) for h in everyone)
+    _MIRRORS[key] = SharedShards(chunks, dst, group) if usable else None
+    return _MIRRORS[key]
