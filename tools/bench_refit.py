@@ -105,7 +105,7 @@ def rl_worker(workdir: str, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--bucket-mb", type=int, default=128)
+    ap.add_argument("--bucket-mb", type=int, default=512, help="rl.refit_bucket_mb (its default: 512)")
     ap.add_argument("--rl-steps", type=int, default=8)
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # spawned ranks import tools.bench_refit
