@@ -1,5 +1,5 @@
-"""Generic TP/PP distribution of full (TP1-layout) tensors: canonical names with global layer numbers, TP slice and
-TP gather driven by megatron's `tensor_model_parallel`/`partition_dim` parameter attributes."""
+"""Generic TP/PP distribution of full (TP1-layout) tensors: canonical names with global layer numbers, TP gather
+driven by megatron's `tensor_model_parallel`/`partition_dim` parameter attributes."""
 
 from __future__ import annotations
 
@@ -36,17 +36,6 @@ def full_shape(param: torch.Tensor) -> tuple[int, ...]:
     if is_tp_sharded(param):
         shape[param.partition_dim] *= ps.get_tensor_model_parallel_world_size()
     return tuple(shape)
-
-
-def tp_slice(full: torch.Tensor, param: torch.Tensor, gated: bool) -> torch.Tensor:
-    """This TP rank's shard of a full tensor (gated: shard r is [gate_r; up_r])."""
-    if not is_tp_sharded(param):
-        return full
-    tp, rank, dim = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(), param.partition_dim
-    if gated:
-        gate, up = full.chunk(2, dim=dim)
-        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
-    return full.chunk(tp, dim=dim)[rank]
 
 
 def tp_gather_to_first(param: torch.Tensor, gated: bool) -> torch.Tensor | None:

@@ -12,6 +12,7 @@ Cost: host memory for one extra copy of each rank's shards (the mirror), allocat
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import uuid
@@ -39,9 +40,7 @@ class _Slot:
 
 
 def _view(storage: torch.UntypedStorage, slot: _Slot) -> torch.Tensor:
-    numel = 1
-    for s in slot.shape:
-        numel *= s
+    numel = math.prod(slot.shape)
     flat = torch.empty(0, dtype=slot.dtype).set_(storage, slot.offset // slot.dtype.itemsize, (numel,))
     return flat.view(slot.shape)
 
