@@ -97,6 +97,7 @@ demo: $(STAMP) $(VLLM_STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check megatron_r1v3 tests tools
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,7 +1,9 @@
-"""`r1v3` command line: `info`, `train-step`, `convert`, `compare-hf` (more subcommands join as issues land).
+"""`r1v3` command line: `info`, `train-step`, `sft`, `rl`, `eval`, `select-checkpoint`, `convert hf-to-megatron|
+megatron-to-hf` and `compare-hf`.
 
 A command that needs N processes and is not already under torchrun/srun re-executes itself under torchrun
-(`--nproc`, default: the processes the config's layout needs), so a user types one command.
+(`--nproc`, default: the processes the config's layout needs), so a user types one command. `main` sets the process
+up first (`parallel.setup_process`: the CPU shim for megatron-core, warning filters).
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import sys
 import time
 from typing import Optional
 
-from megatron_r1v3.config import ConfigError, RunConfig, load_config
+from megatron_r1v3.config import ConfigError, RunConfig
+from megatron_r1v3.parallel import setup_process
+from megatron_r1v3.parallel.layout import ParallelLayout
+from megatron_r1v3.presets import load_config
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -36,9 +41,7 @@ def _is_rank0() -> bool:
 
 
 def processes_needed(cfg: RunConfig) -> int:
-    """tensor × pipeline × context × data (data=-1 counts as 1)."""
-    p = cfg.parallel
-    return p.tensor * p.pipeline * p.context * (p.data if p.data > 0 else 1)
+    return ParallelLayout.processes_needed(cfg.parallel)
 
 
 def maybe_relaunch(nproc: int, argv: list[str]) -> None:
@@ -99,8 +102,7 @@ def cmd_train_step(args) -> int:
     opt = build_optimizer(ddp, cfg)
     d = cfg.demo
     say = print if state.rank == 0 else (lambda *a, **k: None)
-    say(f"[r1v3] layout TP{state.tp}·PP{state.pp}" + (f"·VPP{state.vpp}" if state.vpp else "")
-        + f"·DP{state.dp} on {state.backend}/{state.device.type}; rank 0 holds "
+    say(f"[r1v3] layout {state.layout.label()} on {state.backend}/{state.device.type}; rank 0 holds "
         + ", ".join(f"{k}={v:,}" for k, v in sorted(count_parameters(chunks).items())) + " parameters")
     for step in range(d.steps):
         batches = random_microbatches(
@@ -158,7 +160,7 @@ def cmd_convert(args) -> int:
 def cmd_compare_hf(args) -> int:
     """Run transformers and Megatron on the same input; the last line is `max_abs_logit_diff=<float>`."""
     maybe_relaunch(args.tp * args.pp, sys.argv[1:])
-    from megatron_r1v3.bridge.compare import compare_hf
+    from megatron_r1v3.compare_hf import compare_hf
     from megatron_r1v3.parallel import destroy_parallel
 
     diff = compare_hf(args.hf, args.megatron, args.tp, args.pp, args.image, args.prompt)
@@ -351,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_process()
     try:
         return args.func(args)
     except ConfigError as exc:

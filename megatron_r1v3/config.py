@@ -1,15 +1,15 @@
-"""Every knob of a run as OmegaConf-structured dataclasses, loaded from YAML with `key=value` overrides.
+"""Every knob of a run as OmegaConf-structured dataclasses: the bottom layer, importing nothing of the package.
 
-One `RunConfig` holds the model, parallel, precision and optimizer sections. Presets (`model.preset`) fill the
-model section; the YAML and command-line overrides are merged on top, then `validate()` rejects impossible
-combinations at start with a message that names the fields involved.
+One `RunConfig` holds ten sections: model, parallel, precision, optimizer, demo, data, train, checkpoint, rl and
+logging. `presets.load_config` fills it (preset, then YAML, then `key=value` overrides); `field_errors` checks the
+fields by themselves, and `parallel.layout.plan_layout` checks the whole run against a world size, naming every
+field involved.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
@@ -17,6 +17,32 @@ from omegaconf import MISSING, OmegaConf
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the offending fields."""
+
+
+# Dtype names used in configs, checkpoint metadata and the scaling model: name -> (torch attribute, bytes).
+DTYPES = {"fp32": ("float32", 4), "bf16": ("bfloat16", 2), "fp16": ("float16", 2)}
+
+
+def torch_dtype(name: str):
+    """`fp32|bf16|fp16` -> the torch dtype (torch is imported only here, not by loading a config)."""
+    import torch
+
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype name {name!r}; known: {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name][0])
+
+
+def dtype_name(dtype) -> str:
+    """A torch dtype -> its config name (`torch.bfloat16` -> `bf16`)."""
+    attr = str(dtype).replace("torch.", "")
+    for name, (torch_attr, _) in DTYPES.items():
+        if torch_attr == attr:
+            return name
+    raise ConfigError(f"dtype {dtype} has no config name; supported: {', '.join(DTYPES)}")
+
+
+def dtype_bytes(name: str) -> int:
+    return DTYPES[name][1]
 
 
 @dataclass
@@ -77,6 +103,13 @@ class LanguageConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The vocab the model allocates: rounded up to `make_vocab_size_divisible_by`, independent of TP so
+        checkpoints reshard (TP must divide it: `parallel.layout`). Rows past `vocab_size` are masked to -inf."""
+        m = max(1, self.make_vocab_size_divisible_by)
+        return -(-self.vocab_size // m) * m
 
 
 @dataclass
@@ -277,138 +310,57 @@ class RunConfig:
     output_dir: str = "runs/default"
 
 
-def padded_vocab_size(vocab: int, multiple: int, tp: int) -> int:
-    """Vocab rounded up to `multiple` (independent of TP so checkpoints reshard); must split evenly over TP."""
-    padded = -(-vocab // multiple) * multiple
-    if padded % tp:
-        raise ConfigError(
-            f"padded vocab {padded} (model.language.vocab_size={vocab}, make_vocab_size_divisible_by={multiple})"
-            f" does not split over parallel.tensor={tp}"
-        )
-    return padded
-
-
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
-    """Preset, then YAML, then `key=value` overrides; returns a typed RunConfig (not yet validated)."""
-    from megatron_r1v3.models.presets import get_preset
-
-    layers = [OmegaConf.load(str(path))] if path else []
-    layers.append(OmegaConf.from_dotlist(list(overrides or [])))
-    merged_user = OmegaConf.merge(*layers) if layers else OmegaConf.create()
-    preset = OmegaConf.select(merged_user, "model.preset", default="tiny")
-    base = OmegaConf.structured(RunConfig(model=get_preset(preset)))
-    try:
-        cfg = OmegaConf.merge(base, merged_user)
-    except Exception as exc:  # omegaconf names the key in its message
-        raise ConfigError(f"invalid config ({path or 'overrides'}): {exc}") from exc
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
-
-
 def to_yaml(cfg: RunConfig) -> str:
     """The resolved config as YAML (written next to every checkpoint and run)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def validate(cfg: RunConfig, world_size: int, te_available: bool = False) -> RunConfig:
-    """Check the run can start; fills `parallel.data`. Errors name every field involved."""
-    p, lm, vit = cfg.parallel, cfg.model.language, cfg.model.vision
+def field_errors(cfg: RunConfig) -> list[str]:
+    """What is wrong with the config by itself (names, ranges, model consistency); the layout rules that need a
+    world size live in `parallel.layout`, which also calls this. Nothing is modified."""
     errors: list[str] = []
-    for name in ("tensor", "pipeline", "context"):
-        if getattr(p, name) < 1:
-            errors.append(f"parallel.{name}={getattr(p, name)} must be >= 1")
-    if errors:
-        raise ConfigError("; ".join(errors))
-    model_parallel = p.tensor * p.pipeline * p.context
-    if world_size % model_parallel:
-        errors.append(
-            f"world size {world_size} is not divisible by parallel.tensor*parallel.pipeline*parallel.context"
-            f" = {p.tensor}*{p.pipeline}*{p.context} = {model_parallel}"
-        )
-    else:
-        dp = world_size // model_parallel
-        if p.data not in (-1, dp):
-            errors.append(f"parallel.data={p.data} but world size {world_size} / (tensor*pipeline*context) = {dp}")
-        p.data = dp
+    lm, vit = cfg.model.language, cfg.model.vision
     if lm.num_heads % lm.num_kv_heads:
         errors.append(f"model.language.num_heads={lm.num_heads} not divisible by num_kv_heads={lm.num_kv_heads}")
-    if lm.num_kv_heads % p.tensor:
-        errors.append(
-            f"parallel.tensor={p.tensor} does not divide model.language.num_kv_heads={lm.num_kv_heads} (KV groups)"
-        )
-    if lm.ffn_hidden_size % p.tensor:
-        errors.append(f"parallel.tensor={p.tensor} does not divide model.language.ffn_hidden_size={lm.ffn_hidden_size}")
     if vit.hidden_size % vit.num_heads:
         errors.append(f"model.vision.hidden_size={vit.hidden_size} not divisible by num_heads={vit.num_heads}")
-    if vit.padded_heads % p.tensor:
-        errors.append(
-            f"parallel.tensor={p.tensor} does not divide the padded ViT heads {vit.padded_heads}"
-            f" (model.vision.num_heads={vit.num_heads}, head_pad_multiple={vit.head_pad_multiple})"
-        )
-    if vit.ffn_hidden_size % p.tensor:
-        errors.append(f"parallel.tensor={p.tensor} does not divide model.vision.ffn_hidden_size={vit.ffn_hidden_size}")
     if vit.image_size % vit.patch_size:
         errors.append(f"model.vision.image_size={vit.image_size} not divisible by patch_size={vit.patch_size}")
-    _check_pipeline(cfg, errors)
     prec = cfg.precision
     if prec.fp8 is not None:
         if prec.fp8 not in ("hybrid", "e4m3"):
             errors.append(f"precision.fp8={prec.fp8!r} must be null, 'hybrid' or 'e4m3'")
         if prec.fp8_recipe not in ("delayed", "tensorwise", "blockwise"):
             errors.append(f"precision.fp8_recipe={prec.fp8_recipe!r} must be delayed, tensorwise or blockwise")
-        if not te_available or prec.transformer_impl == "local":
-            errors.append(
-                f"precision.fp8={prec.fp8!r} needs Transformer Engine layers, but "
-                + ("precision.transformer_impl='local'" if te_available else "transformer_engine is not importable")
-                + " (install the `gpu` extra on a CUDA machine, or set precision.fp8=null)"
-            )
-    if prec.transformer_impl == "transformer_engine" and not te_available:
-        errors.append("precision.transformer_impl='transformer_engine' but transformer_engine is not importable")
-    if (p.sequence_parallel or p.context > 1) and not te_available:
-        errors.append(
-            f"parallel.sequence_parallel={p.sequence_parallel} / parallel.context={p.context} need Transformer"
-            " Engine attention and norms, which are not importable here"
-        )
-    if prec.params_dtype not in ("auto", "fp32", "bf16", "fp16"):
-        errors.append(f"precision.params_dtype={prec.params_dtype!r} must be auto, fp32, bf16 or fp16")
-    if cfg.optimizer.min_lr > cfg.optimizer.lr:
-        errors.append(f"optimizer.min_lr={cfg.optimizer.min_lr} > optimizer.lr={cfg.optimizer.lr}")
-    if cfg.optimizer.name not in ("adam", "sgd"):
-        errors.append(f"optimizer.name={cfg.optimizer.name!r} must be adam or sgd")
-    elif cfg.optimizer.name == "sgd" and cfg.optimizer.use_distributed_optimizer:
+    if prec.params_dtype != "auto" and prec.params_dtype not in DTYPES:
+        errors.append(f"precision.params_dtype={prec.params_dtype!r} must be auto, {', '.join(DTYPES)}")
+    if prec.transformer_impl not in ("auto", "transformer_engine", "local"):
+        errors.append(f"precision.transformer_impl={prec.transformer_impl!r} must be auto, transformer_engine or local")
+    o = cfg.optimizer
+    if o.min_lr > o.lr:
+        errors.append(f"optimizer.min_lr={o.min_lr} > optimizer.lr={o.lr}")
+    if o.name not in ("adam", "sgd"):
+        errors.append(f"optimizer.name={o.name!r} must be adam or sgd")
+    elif o.name == "sgd" and o.use_distributed_optimizer:
         errors.append("optimizer.name='sgd' cannot use optimizer.use_distributed_optimizer=true (megatron: Adam only)")
-    _check_train(cfg, errors)
-    _check_rl(cfg, errors)
+    d = cfg.data
+    if d.toy_kind not in ("sft", "pretrain", "mixed"):
+        errors.append(f"data.toy_kind={d.toy_kind!r} must be sft, pretrain or mixed")
+    if d.decoder not in ("dali", "pillow"):
+        errors.append(f"data.decoder={d.decoder!r} must be dali or pillow")
+    return errors + _rl_errors(cfg.rl)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Raise one ConfigError naming every field `field_errors` finds; returns `cfg` unchanged."""
+    errors = field_errors(cfg)
     if errors:
         raise ConfigError("invalid configuration: " + "; ".join(errors))
     return cfg
 
 
-def _check_train(cfg: RunConfig, errors: list[str]) -> None:
-    t, d = cfg.train, cfg.data
-    dp = cfg.parallel.data if cfg.parallel.data > 0 else 1
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        errors.append(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
-            f"{t.micro_batch_size} x data-parallel size {dp}"
-        )
-    from megatron_r1v3.data.synthetic import TASKS
-
-    unknown = [t for t in d.toy_tasks if t not in TASKS]
-    if unknown or not d.toy_tasks:
-        errors.append(f"data.toy_tasks={list(d.toy_tasks)} must be a non-empty subset of {list(TASKS)}")
-    if d.toy_kind not in ("sft", "pretrain", "mixed"):
-        errors.append(f"data.toy_kind={d.toy_kind!r} must be sft, pretrain or mixed")
-    if d.decoder not in ("dali", "pillow"):
-        errors.append(f"data.decoder={d.decoder!r} must be dali or pillow")
-    if d.seq_length > cfg.model.language.max_position_embeddings:
-        errors.append(
-            f"data.seq_length={d.seq_length} > model.language.max_position_embeddings="
-            f"{cfg.model.language.max_position_embeddings}"
-        )
-
-
-def _check_rl(cfg: RunConfig, errors: list[str]) -> None:
-    r = cfg.rl
+def _rl_errors(r: RLConfig) -> list[str]:
+    errors = []
     if r.agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
         errors.append(f"rl.agg={r.agg!r} must be token-mean, seq-mean-token-mean or seq-mean-token-sum")
     if r.old_logprobs not in ("recompute", "rollout"):
@@ -421,34 +373,7 @@ def _check_rl(cfg: RunConfig, errors: list[str]) -> None:
     for i, entry in enumerate(r.length_schedule):
         if len(entry) != 2 or entry[0] < 0 or entry[1] < 1:
             errors.append(f"rl.length_schedule[{i}]={list(entry)} must be [step >= 0, tokens >= 1]")
-
-
-def _check_pipeline(cfg: RunConfig, errors: list[str]) -> None:
-    p, lm = cfg.parallel, cfg.model.language
-    if p.pipeline > lm.num_layers:
-        errors.append(f"parallel.pipeline={p.pipeline} > model.language.num_layers={lm.num_layers}")
-        return
-    vpp = p.virtual_pipeline or 1
-    if p.virtual_pipeline is not None and p.pipeline < 2:
-        errors.append(f"parallel.virtual_pipeline={p.virtual_pipeline} needs parallel.pipeline >= 2")
-    layers, stages = lm.num_layers, p.pipeline
-    first = p.decoder_layers_in_first_stage
-    if first is not None:
-        if p.pipeline < 2 or not 0 < first < layers:
-            errors.append(
-                f"parallel.decoder_layers_in_first_stage={first} needs parallel.pipeline >= 2 and"
-                f" 0 < value < model.language.num_layers={layers}"
-            )
-            return
-        if vpp > 1:
-            errors.append("parallel.decoder_layers_in_first_stage cannot be combined with parallel.virtual_pipeline")
-        layers, stages = layers - first, stages - 1
-    if layers % (stages * vpp):
-        errors.append(
-            f"model.language.num_layers={lm.num_layers} does not split evenly over parallel.pipeline={p.pipeline}"
-            + (f" x parallel.virtual_pipeline={vpp}" if vpp > 1 else "")
-            + (f" with decoder_layers_in_first_stage={first}" if first is not None else "")
-        )
+    return errors
 
 
 def as_dict(cfg: Any) -> dict:
@@ -459,6 +384,7 @@ def as_dict(cfg: Any) -> dict:
 __all__ = [
     "MISSING",
     "ConfigError",
+    "DTYPES",
     "CheckpointConfig",
     "ConnectorConfig",
     "DataConfig",
@@ -474,7 +400,10 @@ __all__ = [
     "RunConfig",
     "VisionConfig",
     "as_dict",
-    "load_config",
+    "dtype_bytes",
+    "dtype_name",
+    "field_errors",
     "to_yaml",
+    "torch_dtype",
     "validate",
 ]

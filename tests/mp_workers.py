@@ -12,8 +12,8 @@ TINY_VIT_PADDED = ["model.vision.hidden_size=48", "model.vision.num_heads=3"]  #
 
 
 def _setup(overrides: list[str]):
-    from megatron_r1v3.config import load_config
     from megatron_r1v3.parallel import init_parallel, set_model_parallel
+    from megatron_r1v3.presets import load_config
 
     cfg = load_config(None, ["model.preset=tiny", *overrides])
     import torch.distributed as dist
@@ -38,7 +38,7 @@ def reference(workdir: str) -> dict:
     """TP1 model: logits + checkpoint; plus the 3-head ViT unpadded, and padded at TP1 from the same weights."""
     from megatron_r1v3.bridge.mapping import pad_heads
     from megatron_r1v3.models.build import build_model
-    from megatron_r1v3.training.checkpoint import save_model
+    from megatron_r1v3.models.weights import save_model
 
     out = {}
     cfg, _ = _setup([])
@@ -80,8 +80,8 @@ def parity(workdir: str, layouts: list[str]) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_r1v3.models.build import build_model
+    from megatron_r1v3.models.weights import load_model
     from megatron_r1v3.parallel.phase import set_phase
-    from megatron_r1v3.training.checkpoint import load_model
 
     ref = torch.load(f"{workdir}/reference.pt")
     result = {}
@@ -114,7 +114,7 @@ def optimizer_step(workdir: str, overrides: list[str], tag: str, compare: bool) 
     import torch.distributed as dist
 
     from megatron_r1v3.models.build import build_model
-    from megatron_r1v3.training.checkpoint import load_model, save_model
+    from megatron_r1v3.models.weights import load_model, save_model
     from megatron_r1v3.training.optimizer import build_optimizer, wrap_ddp
     from megatron_r1v3.training.step import train_step
 
@@ -195,11 +195,12 @@ def sharded_layout(megatron_dir: str, tp: int, pp: int) -> dict:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 
-    from megatron_r1v3.bridge.convert import _NAMED_DTYPES, build_for_conversion, conversion_run_config, read_meta
-    from megatron_r1v3.training.checkpoint import model_sharded_state_dict
+    from megatron_r1v3.bridge.convert import build_for_conversion, conversion_run_config, read_meta
+    from megatron_r1v3.config import torch_dtype
+    from megatron_r1v3.models.weights import model_sharded_state_dict
 
     meta = read_meta(megatron_dir)
-    _, chunks = build_for_conversion(conversion_run_config(meta["model"], _NAMED_DTYPES[meta["dtype"]], tp, pp, None))
+    _, chunks = build_for_conversion(conversion_run_config(meta["model"], torch_dtype(meta["dtype"]), tp, pp, None))
     ssd = model_sharded_state_dict(chunks)
     apply_factories(ssd)
     tensors, objects = {}, set()

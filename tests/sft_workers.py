@@ -8,7 +8,7 @@ RECIPE = "examples/tiny_cpu_sft.yaml"
 
 
 def _cfg(workdir: str, name: str, overrides: list[str]):
-    from megatron_r1v3.config import load_config
+    from megatron_r1v3.presets import load_config
 
     return load_config(RECIPE, [f"output_dir={workdir}/{name}", f"data.toy_dir={workdir}/toy", *overrides])
 

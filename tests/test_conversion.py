@@ -12,7 +12,7 @@ import torch
 
 from megatron_r1v3.bridge.hf_io import HFCheckpoint
 from megatron_r1v3.bridge.random_hf import write_random_hf_checkpoint
-from megatron_r1v3.models.presets import tiny
+from megatron_r1v3.presets import tiny
 
 pytestmark = pytest.mark.multiprocess
 

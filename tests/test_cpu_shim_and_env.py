@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import megatron_r1v3.parallel  # noqa: F401  (applies the shim here: CI has no GPU)
 from megatron_r1v3.parallel.cpu_shim import apply_cpu_shim, shim_applied
 from megatron_r1v3.parallel.env import detect_launch_env, first_host, under_launcher
 

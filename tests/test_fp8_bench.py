@@ -14,7 +14,7 @@ spec.loader.exec_module(fp8_bench)
 
 
 def test_gemm_shapes_match_the_38b_preset_per_tp_rank():
-    from megatron_r1v3.models.presets import r1v3_38b
+    from megatron_r1v3.presets import r1v3_38b
 
     m = r1v3_38b()
     v, lm = m.vision, m.language

@@ -10,11 +10,12 @@ from megatron_r1v3.bridge.mapping import (
     expected_hf_names,
     find_rule,
     hf_names,
+    megatron_parameters,
     to_hf,
     to_megatron,
 )
 from megatron_r1v3.bridge.random_hf import native_shapes
-from megatron_r1v3.models.presets import r1v3_38b, tiny
+from megatron_r1v3.presets import r1v3_38b, tiny
 
 
 def model_3heads():
@@ -83,3 +84,44 @@ def test_unknown_names_are_named():
         find_rule("language_model.decoder.layers.0.self_attention.foo")
     with pytest.raises(MappingError, match="unknown HF layout 'llava'"):
         hf_names(RULES[0], None, "llava")
+
+
+def _tied_without_qk_norm():
+    m = tiny()
+    m.language.tie_embeddings, m.vision.qk_normalization = True, False
+    return m
+
+
+@pytest.mark.parametrize("model", [tiny(), _tied_without_qk_norm()], ids=["tiny", "tied_no_qk_norm"])
+def test_table_matches_the_built_model(model, monkeypatch):
+    """(name, full shape, TP split dim, is-linear) of every parameter the table lists = the real TP1 model's, in
+    registration order per component: the table cannot drift from the model."""
+    from megatron_r1v3.parallel.env import free_port
+
+    # init_parallel would set them for good; later tests (the Slurm jobs) must not inherit this process's port
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_r1v3.bridge.shard import global_named_parameters
+    from megatron_r1v3.config import PrecisionConfig, RunConfig
+    from megatron_r1v3.models.build import build_model
+    from megatron_r1v3.parallel import destroy_parallel, init_parallel
+
+    cfg = RunConfig(model=model, precision=PrecisionConfig(transformer_impl="local"))
+    init_parallel(cfg)
+    try:
+        [chunk] = build_model(cfg, meta=True)
+        linears = (ColumnParallelLinear, RowParallelLinear)
+        linear = {id(p) for m in chunk.modules() if isinstance(m, linears) for p in m.parameters(recurse=False)}
+        real = [(name, tuple(p.shape), p.partition_dim if getattr(p, "tensor_model_parallel", False) else None,
+                 id(p) in linear) for name, p in global_named_parameters(chunk)]
+    finally:
+        destroy_parallel()
+    table = [(name, rule.shape(model), rule.tp_dim, rule.linear) for rule, _, name in megatron_parameters(model)]
+
+    def by_component(rows):
+        return {c: [r for r in rows if r[0].split(".", 1)[0] == c] for c in ("language_model", "vision_model", "mlp1")}
+
+    assert by_component(table) == by_component(real)
+    assert sum(map(len, by_component(real).values())) == len(real)

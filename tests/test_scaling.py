@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from megatron_r1v3.models.internvit import padding_parameter_count
-from megatron_r1v3.models.presets import r1v3_38b, tiny
+from megatron_r1v3.presets import r1v3_38b, tiny
 from megatron_r1v3.scaling.compute import H100, model_flops_per_sample, step_time
 from megatron_r1v3.scaling.layouts import evaluate, rank_layouts, rule_violations
 from megatron_r1v3.scaling.memory import (

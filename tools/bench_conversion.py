@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 
 def bench_model(layers: int):
-    from megatron_r1v3.models.presets import tiny
+    from megatron_r1v3.presets import tiny
 
     m = tiny()  # decoder 40 x 768, ViT 12 x 256, vocab 32000
     m.vision.hidden_size, m.vision.num_heads, m.vision.num_layers, m.vision.ffn_hidden_size = 256, 4, 12, 1024

@@ -33,10 +33,10 @@ def refit_worker(workdir: str, repeats: int, bucket_mb: int) -> dict:
 
     from megatron_r1v3.bridge.export import iter_hf_tensors
     from megatron_r1v3.bridge.mapping import expected_hf_names
-    from megatron_r1v3.config import load_config
     from megatron_r1v3.data.tokenizer import toy_tokenizer
     from megatron_r1v3.models.build import build_model
     from megatron_r1v3.parallel import init_parallel
+    from megatron_r1v3.presets import load_config
     from megatron_r1v3.rollout.engine import RolloutEngine
     from megatron_r1v3.rollout.hf_export import write_vllm_model_dir
     from megatron_r1v3.rollout.refit import push_weights
@@ -89,7 +89,7 @@ def refit_worker(workdir: str, repeats: int, bucket_mb: int) -> dict:
 
 
 def rl_worker(workdir: str, steps: int) -> dict:
-    from megatron_r1v3.config import load_config
+    from megatron_r1v3.presets import load_config
     from megatron_r1v3.rl.grpo import run_grpo
 
     cfg = load_config("examples/tiny_cpu_rl.yaml", [

@@ -97,10 +97,13 @@ def bench_gemm(g: Gemm, m: int, te) -> tuple[float, float]:
 def bench_decoder_layer(seq: int, micro_batch: int, fp8: bool) -> float | None:
     """Seconds for forward+backward of one R1V3 decoder layer (megatron-core, TE spec when available)."""
     try:
-        import megatron_r1v3  # noqa: F401
+        from megatron_r1v3.parallel import setup_process
+
+        setup_process()
         from megatron_r1v3.config import RunConfig
-        from megatron_r1v3.models.presets import r1v3_38b
         from megatron_r1v3.models.specs import decoder_layer_spec, language_config
+        from megatron_r1v3.parallel.layout import ParallelLayout
+        from megatron_r1v3.presets import r1v3_38b
     except Exception as exc:
         print(f"decoder layer: skipped (megatron_r1v3 / megatron-core not importable: {exc})")
         return None
@@ -122,7 +125,8 @@ def bench_decoder_layer(seq: int, micro_batch: int, fp8: bool) -> float | None:
     cfg.precision.params_dtype = "bf16"
     if fp8:
         cfg.precision.fp8 = "hybrid"
-    layer = build_module(decoder_layer_spec(cfg), config=language_config(cfg), layer_number=1).cuda()
+    layer = build_module(decoder_layer_spec(cfg), config=language_config(cfg, ParallelLayout()),
+                         layer_number=1).cuda()
     x = torch.randn(seq, micro_batch, 5120, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
     def step():

@@ -2,7 +2,7 @@
 """Rank R1V3 training layouts on N H100 nodes by predicted throughput; write a CSV and a PNG plot.
 
 Every (TP, CP, PP, VPP or lighter first stage, micro-batch, recompute, distributed optimizer, FP8) combination is
-checked against `config.validate` (with TE available) and the schedule rules, then its worst pipeline stage's
+checked against `ParallelLayout.problems` (the rules a run checks at start, TE available), then its worst stage's
 memory (megatron_r1v3.scaling.memory) against the GPU and its step time (megatron_r1v3.scaling.compute) predicted.
 Feasibility is judged for plain training and for GRPO with a colocated vLLM (`--vllm-tp`, `--gpu-mem-util`);
 `--rollout` picks which one the printed ranking uses. With `--tp` (and friends) it reports one layout instead.
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from megatron_r1v3.models.presets import get_preset  # noqa: E402
+from megatron_r1v3.presets import get_preset  # noqa: E402
 from megatron_r1v3.scaling.compute import H100, Hardware  # noqa: E402
 from megatron_r1v3.scaling.layouts import Candidate, Rollout, enumerate_layouts, evaluate  # noqa: E402
 from megatron_r1v3.scaling.memory import GIB, Layout  # noqa: E402

@@ -136,10 +136,10 @@ def measure(cases: list[dict], meta_cases: list[dict], steps: int = 2) -> list[d
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_r1v3.config import load_config
     from megatron_r1v3.models.build import build_model, count_parameters
     from megatron_r1v3.parallel import init_parallel, set_model_parallel
     from megatron_r1v3.parallel.phase import set_phase
+    from megatron_r1v3.presets import load_config
     from megatron_r1v3.training.optimizer import build_optimizer, wrap_ddp
     from megatron_r1v3.training.random_batch import random_microbatches
     from megatron_r1v3.training.step import train_step
@@ -192,7 +192,7 @@ def measure(cases: list[dict], meta_cases: list[dict], steps: int = 2) -> list[d
 
 def predict(case: dict, preset: str, dp: int):
     """The model's Layout and RunConfig for a case (impl=local: megatron-core local spec, unfused attention)."""
-    from megatron_r1v3.config import load_config
+    from megatron_r1v3.presets import load_config
     from megatron_r1v3.scaling.layouts import layout_from_config
 
     cfg = load_config(None, [f"model.preset={preset}", *case["overrides"]])

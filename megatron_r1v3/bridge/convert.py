@@ -34,12 +34,20 @@ from megatron_r1v3.bridge.hf_io import (
 )
 from megatron_r1v3.bridge.mapping import MappingError, expected_hf_names, to_hf, to_megatron
 from megatron_r1v3.bridge.mcore_layout import chunks as megatron_chunks
-from megatron_r1v3.bridge.mcore_layout import extra_state_keys, padded_vocab
-from megatron_r1v3.config import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig, as_dict, validate
+from megatron_r1v3.bridge.mcore_layout import extra_state_keys
+from megatron_r1v3.config import (
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    RunConfig,
+    as_dict,
+    dtype_name,
+    torch_dtype,
+)
+from megatron_r1v3.parallel.layout import ParallelLayout
 
 META = "r1v3_meta.json"
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_NAMED_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 
 
 class ConversionError(RuntimeError):
@@ -100,7 +108,7 @@ def conversion_run_config(model: ModelConfig, dtype: torch.dtype, tp: int, pp: i
     return RunConfig(
         model=model,
         parallel=ParallelConfig(tensor=tp, pipeline=pp, virtual_pipeline=vpp),
-        precision=PrecisionConfig(params_dtype=_DTYPE_NAMES[dtype], transformer_impl="local"),
+        precision=PrecisionConfig(params_dtype=dtype_name(dtype), transformer_impl="local"),
     )
 
 
@@ -149,8 +157,9 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, vpp: int
     t = {"start": time.perf_counter()}
     hf = HFCheckpoint(hf_dir)
     model, dtype = hf.model_config(), hf.dtype()
-    validate(conversion_run_config(model, dtype, tp, pp, vpp), world_size=tp * pp)
-    padded_vocab(model, tp)  # raises ConfigError when the padded vocab does not split over TP
+    problems = ParallelLayout(tp=tp, pp=pp, vpp=vpp).problems(model, te_available=False)  # the target layout only
+    if problems:
+        raise ConfigError(f"cannot convert {hf_dir} to TP{tp}·PP{pp}: " + "; ".join(problems))
     plan = plan_hf_to_megatron(hf, model, dtype)
     objects = {key: None for key in extra_state_keys(model)}  # linear layers' `_extra_state` (None: no FP8 state)
     t["planned"] = time.perf_counter()
@@ -159,7 +168,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, vpp: int
         with tqdm(total=len(plan) + len(objects), desc="hf->megatron", unit="tensor", disable=not progress) as bar:
             save_lazy(tmp / "model", plan, objects, on_item=bar.update, fsync=fsync)
         t["saved"] = time.perf_counter()
-        meta = {"format": 1, "model": as_dict(model), "dtype": _DTYPE_NAMES[dtype], "source_layout": hf.layout,
+        meta = {"format": 1, "model": as_dict(model), "dtype": dtype_name(dtype), "source_layout": hf.layout,
                 "source": str(Path(hf_dir).resolve()), "saved_at": {"tp": tp, "pp": pp, "vpp": vpp}}
         (tmp / META).write_text(json.dumps(meta, indent=2))
         copy_assets([*hf.asset_files(), hf.path / "config.json"], tmp / "hf_assets")
@@ -175,7 +184,7 @@ def write_training_meta(cfg, tokenizer_dir: str | Path, out_dir: str | Path) -> 
     from megatron_r1v3.models.specs import params_dtype
 
     out = Path(out_dir)
-    meta = {"format": 1, "model": as_dict(cfg.model), "dtype": _DTYPE_NAMES[params_dtype(cfg)],
+    meta = {"format": 1, "model": as_dict(cfg.model), "dtype": dtype_name(params_dtype(cfg)),
             "source_layout": None, "source": "training", "saved_at": {"tp": cfg.parallel.tensor,
                                                                        "pp": cfg.parallel.pipeline}}
     (out / META).write_text(json.dumps(meta, indent=2))
@@ -198,10 +207,10 @@ def megatron_to_hf(
 ) -> dict:
     """Collective over tp*pp ranks; rank 0 writes sharded safetensors + index, config.json and the assets."""
     from megatron_r1v3.bridge.export import iter_hf_tensors
-    from megatron_r1v3.training.checkpoint import load_model
+    from megatron_r1v3.models.weights import load_model
 
     meta = read_meta(megatron_dir)
-    model, dtype = meta["model"], _NAMED_DTYPES[meta["dtype"]]
+    model, dtype = meta["model"], torch_dtype(meta["dtype"])
     layout = layout or meta.get("source_layout") or "native"
     cfg = conversion_run_config(model, dtype, tp, pp, None)
     state, chunks = build_for_conversion(cfg)

@@ -1,10 +1,13 @@
-"""THE declarative HF <-> Megatron mapping. Conversion (both ways) and the vLLM refit iterate this table; no other
-module spells a parameter name.
+"""THE declarative HF <-> Megatron parameter table. Conversion (both ways), the vLLM refit, the checkpoint layout
+(`bridge/mcore_layout.py`) and the memory model (`scaling/memory.py`) iterate it; no other module spells a
+parameter name, shape or TP split. Adding a parameter is one entry here (tests/test_mapping.py checks the table
+against the built model).
 
 A rule pairs a Megatron parameter (canonical name: module path with the *global* layer index `{i}`; local-spec
 name first, TE-spec alias after) with the HF tensor(s) it corresponds to in each HF layout, plus the layout
-transform between the full (TP1) Megatron tensor and the HF tensors. Distribution (TP slicing and gathering, PP
-ownership) is generic and lives in `bridge/shard.py` / `bridge/export.py`.
+transform between the full (TP1) Megatron tensor and the HF tensors, and the parameter's facts: full shape, TP
+split, module kind, owning pipeline stage and presence. Rules are in the model's registration order.
+Distribution (TP slicing and gathering, PP ownership) is generic and lives in `bridge/shard.py` / `bridge/export.py`.
 
 HF layouts:
 - `remote`: InternVL chat / Skywork-R1V remote code (`vision_model.*`, `mlp1.{0,1,3}`, `language_model.model.*`).
@@ -14,13 +17,14 @@ HF layouts:
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 
-from megatron_r1v3.config import ModelConfig, VisionConfig, padded_vocab_size
+from megatron_r1v3.config import ModelConfig, VisionConfig
 
 LAYOUTS = ("remote", "native")
 
@@ -47,7 +51,7 @@ def _direct() -> Transform:
 
 def _vocab_to_megatron(ts, m):
     t = ts[0]
-    pad = padded_vocab_size(m.language.vocab_size, m.language.make_vocab_size_divisible_by, 1) - t.shape[0]
+    pad = m.language.padded_vocab_size - t.shape[0]
     return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad > 0 else t
 
 
@@ -138,14 +142,28 @@ VIT_QKV_SPLIT = Transform("vit_qkv_split", _vit_split_to_megatron, _vit_split_to
 VIT_NORM, VIT_PROJ = _vit_pad("norm"), _vit_pad("proj")
 
 
+FIRST, DECODER, LAST = "first", "decoder", "last"  # owning pipeline stage (see `Rule.stage`)
+
+
+def _always(model: ModelConfig, pre_process: bool) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Rule:
-    """One Megatron parameter <-> its HF tensors, per layout (a layout may need a different transform)."""
+    """One Megatron parameter: its HF tensors per layout (a layout may need a different transform) and the facts
+    the rest of the code derives from it (checkpoint layout, TP split, memory model)."""
 
     megatron: tuple[str, ...]
     hf: dict[str, tuple[str, ...]]
+    shape: Callable[[ModelConfig], tuple[int, ...]]  # full (TP-gathered, padded) Megatron shape
+    stage: str  # FIRST (embedding, ViT, connector) | DECODER (layers split by PP) | LAST (final norm, output layer)
     transform: Transform | dict[str, Transform] = DIRECT
+    tp_dim: int | None = None  # TP partition dim: 0 column/vocab-parallel, 1 row-parallel, None replicated
     tp_gated: bool = False  # TP shards are [gate_r; up_r], not a contiguous slice of [gate; up]
+    linear: bool = False  # of a Column/RowParallelLinear module (local spec): megatron saves its `_extra_state`
+    fp8: bool = False  # a GEMM weight that runs in FP8 under Transformer Engine
+    present: Callable[[ModelConfig, bool], bool] = _always  # (model, chunk's pre_process) -> the chunk registers it
 
     def transform_for(self, layout: str) -> Transform:
         return self.transform[layout] if isinstance(self.transform, dict) else self.transform
@@ -153,14 +171,9 @@ class Rule:
     @property
     def layer_space(self) -> str | None:
         """Which layer index `{i}` counts: 'decoder', 'vision' or None."""
-        name = self.megatron[0]
-        if "{i}" not in name:
+        if "{i}" not in self.megatron[0]:
             return None
-        return "decoder" if name.startswith("language_model.") else "vision"
-
-
-def _both(name: str) -> dict[str, tuple[str, ...]]:
-    return {"remote": (name,), "native": (name,)}
+        return "decoder" if self.stage == DECODER else "vision"
 
 
 _LM = {"remote": "language_model.model.", "native": "model.language_model."}
@@ -175,6 +188,44 @@ def _vit(remote: Sequence[str], native: Sequence[str]) -> dict[str, tuple[str, .
     return {"remote": tuple(_VIT["remote"] + s for s in remote), "native": tuple(_VIT["native"] + s for s in native)}
 
 
+# --- shapes (full Megatron tensors: padded vocab, padded ViT heads)
+def _lm_vec(m: ModelConfig) -> tuple[int, ...]:
+    return (m.language.hidden_size,)
+
+
+def _vit_vec(m: ModelConfig) -> tuple[int, ...]:
+    return (m.vision.hidden_size,)
+
+
+def _vocab(m: ModelConfig) -> tuple[int, ...]:
+    return (m.language.padded_vocab_size, m.language.hidden_size)
+
+
+def _qkv_rows(m: ModelConfig) -> int:
+    lm = m.language
+    return (lm.num_heads + 2 * lm.num_kv_heads) * lm.head_dim
+
+
+def _vit_width(m: ModelConfig) -> int:
+    return m.vision.padded_heads * m.vision.head_dim
+
+
+def _connector_in(m: ModelConfig) -> int:
+    return m.vision.hidden_size * int(round(1 / m.connector.downsample_ratio)) ** 2
+
+
+# --- presence
+def _has_qk_norm(m: ModelConfig, pre_process: bool) -> bool:
+    return m.vision.qk_normalization
+
+
+def _has_output_layer(m: ModelConfig, pre_process: bool) -> bool:
+    """Tied embeddings: a chunk holding the embedding reuses it; a later last stage keeps a copy (megatron)."""
+    return not (m.language.tie_embeddings and pre_process)
+
+
+_COL = {"tp_dim": 0, "linear": True}  # ColumnParallelLinear weight / bias
+_ROW = {"tp_dim": 1, "linear": True}  # RowParallelLinear weight (its bias is replicated: linear=True only)
 _D = "language_model.decoder.layers.{i}."
 _V = "vision_model.encoder.layers.{i}."
 _VH_R, _VH_N = "encoder.layers.{i}.", "encoder.layer.{i}."
@@ -182,56 +233,90 @@ _CONN_NATIVE = "model.multi_modal_projector."
 
 RULES: tuple[Rule, ...] = (
     # --- decoder (Qwen2.5) ---
-    Rule(("language_model.embedding.word_embeddings.weight",), _lm("embed_tokens.weight"), VOCAB),
-    Rule(("language_model.output_layer.weight",),
-         {"remote": ("language_model.lm_head.weight",), "native": ("lm_head.weight",)}, VOCAB),
-    Rule(("language_model.decoder.final_layernorm.weight",), _lm("norm.weight")),
+    Rule(("language_model.embedding.word_embeddings.weight",), _lm("embed_tokens.weight"), _vocab, FIRST, VOCAB,
+         tp_dim=0),
     Rule((_D + "input_layernorm.weight", _D + "self_attention.linear_qkv.layer_norm_weight"),
-         _lm("layers.{i}.input_layernorm.weight")),
+         _lm("layers.{i}.input_layernorm.weight"), _lm_vec, DECODER),
+    Rule((_D + "self_attention.linear_proj.weight",), _lm("layers.{i}.self_attn.o_proj.weight"),
+         lambda m: (m.language.hidden_size, m.language.num_heads * m.language.head_dim), DECODER, **_ROW, fp8=True),
     Rule((_D + "self_attention.linear_qkv.weight",),
-         _lm(*(f"layers.{{i}}.self_attn.{p}_proj.weight" for p in "qkv")), QKV_GQA),
-    Rule((_D + "self_attention.linear_qkv.bias",),
-         _lm(*(f"layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv")), QKV_GQA),
-    Rule((_D + "self_attention.linear_proj.weight",), _lm("layers.{i}.self_attn.o_proj.weight")),
+         _lm(*(f"layers.{{i}}.self_attn.{p}_proj.weight" for p in "qkv")),
+         lambda m: (_qkv_rows(m), m.language.hidden_size), DECODER, QKV_GQA, **_COL, fp8=True),
+    Rule((_D + "self_attention.linear_qkv.bias",), _lm(*(f"layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv")),
+         lambda m: (_qkv_rows(m),), DECODER, QKV_GQA, **_COL),
     Rule((_D + "pre_mlp_layernorm.weight", _D + "mlp.linear_fc1.layer_norm_weight"),
-         _lm("layers.{i}.post_attention_layernorm.weight")),
+         _lm("layers.{i}.post_attention_layernorm.weight"), _lm_vec, DECODER),
     Rule((_D + "mlp.linear_fc1.weight",), _lm("layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.up_proj.weight"),
-         GATE_UP, tp_gated=True),
-    Rule((_D + "mlp.linear_fc2.weight",), _lm("layers.{i}.mlp.down_proj.weight")),
+         lambda m: (2 * m.language.ffn_hidden_size, m.language.hidden_size), DECODER, GATE_UP, **_COL,
+         tp_gated=True, fp8=True),
+    Rule((_D + "mlp.linear_fc2.weight",), _lm("layers.{i}.mlp.down_proj.weight"),
+         lambda m: (m.language.hidden_size, m.language.ffn_hidden_size), DECODER, **_ROW, fp8=True),
+    Rule(("language_model.decoder.final_layernorm.weight",), _lm("norm.weight"), _lm_vec, LAST),
+    Rule(("language_model.output_layer.weight",),
+         {"remote": ("language_model.lm_head.weight",), "native": ("lm_head.weight",)}, _vocab, LAST, VOCAB,
+         tp_dim=0, linear=True, present=_has_output_layer),
     # --- vision (InternViT) ---
     Rule(("vision_model.embeddings.class_embedding",),
-         _vit(["embeddings.class_embedding"], ["embeddings.cls_token"])),
-    Rule(("vision_model.embeddings.patch_embedding.weight",),
-         _vit(["embeddings.patch_embedding.weight"], ["embeddings.patch_embeddings.projection.weight"])),
-    Rule(("vision_model.embeddings.patch_embedding.bias",),
-         _vit(["embeddings.patch_embedding.bias"], ["embeddings.patch_embeddings.projection.bias"])),
+         _vit(["embeddings.class_embedding"], ["embeddings.cls_token"]), lambda m: (1, 1, m.vision.hidden_size), FIRST),
     Rule(("vision_model.embeddings.position_embedding",),
-         _vit(["embeddings.position_embedding"], ["embeddings.position_embeddings"])),
-    Rule((_V + "norm1.weight",), _vit([_VH_R + "norm1.weight"], [_VH_N + "layernorm_before.weight"])),
-    Rule((_V + "norm2.weight",), _vit([_VH_R + "norm2.weight"], [_VH_N + "layernorm_after.weight"])),
-    Rule((_V + "ls1",), _vit([_VH_R + "ls1"], [_VH_N + "lambda_1"])),
-    Rule((_V + "ls2",), _vit([_VH_R + "ls2"], [_VH_N + "lambda_2"])),
+         _vit(["embeddings.position_embedding"], ["embeddings.position_embeddings"]),
+         lambda m: (1, m.vision.grid ** 2 + 1, m.vision.hidden_size), FIRST),
+    Rule(("vision_model.embeddings.patch_embedding.weight",),
+         _vit(["embeddings.patch_embedding.weight"], ["embeddings.patch_embeddings.projection.weight"]),
+         lambda m: (m.vision.hidden_size, 3, m.vision.patch_size, m.vision.patch_size), FIRST),
+    Rule(("vision_model.embeddings.patch_embedding.bias",),
+         _vit(["embeddings.patch_embedding.bias"], ["embeddings.patch_embeddings.projection.bias"]), _vit_vec, FIRST),
+    Rule((_V + "ls1",), _vit([_VH_R + "ls1"], [_VH_N + "lambda_1"]), _vit_vec, FIRST),
+    Rule((_V + "ls2",), _vit([_VH_R + "ls2"], [_VH_N + "lambda_2"]), _vit_vec, FIRST),
+    Rule((_V + "norm1.weight",), _vit([_VH_R + "norm1.weight"], [_VH_N + "layernorm_before.weight"]), _vit_vec, FIRST),
     Rule((_V + "attn.qkv.weight",),
          _vit([_VH_R + "attn.qkv.weight"], [_VH_N + f"attention.{p}_proj.weight" for p in "qkv"]),
-         {"remote": VIT_QKV_FUSED, "native": VIT_QKV_SPLIT}),
+         lambda m: (3 * _vit_width(m), m.vision.hidden_size), FIRST,
+         {"remote": VIT_QKV_FUSED, "native": VIT_QKV_SPLIT}, **_COL),
     Rule((_V + "attn.q_norm.weight",), _vit([_VH_R + "attn.q_norm.weight"], [_VH_N + "attention.q_norm.weight"]),
-         VIT_NORM),
+         lambda m: (_vit_width(m),), FIRST, VIT_NORM, tp_dim=0, present=_has_qk_norm),
     Rule((_V + "attn.k_norm.weight",), _vit([_VH_R + "attn.k_norm.weight"], [_VH_N + "attention.k_norm.weight"]),
-         VIT_NORM),
+         lambda m: (_vit_width(m),), FIRST, VIT_NORM, tp_dim=0, present=_has_qk_norm),
     Rule((_V + "attn.proj.weight",),
-         _vit([_VH_R + "attn.proj.weight"], [_VH_N + "attention.projection_layer.weight"]), VIT_PROJ),
-    Rule((_V + "attn.proj.bias",), _vit([_VH_R + "attn.proj.bias"], [_VH_N + "attention.projection_layer.bias"])),
-    *(Rule((_V + f"mlp.{p}",), _vit([_VH_R + f"mlp.{p}"], [_VH_N + f"mlp.{p}"]))
-      for p in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")),
+         _vit([_VH_R + "attn.proj.weight"], [_VH_N + "attention.projection_layer.weight"]),
+         lambda m: (m.vision.hidden_size, _vit_width(m)), FIRST, VIT_PROJ, **_ROW),
+    Rule((_V + "attn.proj.bias",), _vit([_VH_R + "attn.proj.bias"], [_VH_N + "attention.projection_layer.bias"]),
+         _vit_vec, FIRST, linear=True),
+    Rule((_V + "norm2.weight",), _vit([_VH_R + "norm2.weight"], [_VH_N + "layernorm_after.weight"]), _vit_vec, FIRST),
+    Rule((_V + "mlp.fc1.weight",), _vit([_VH_R + "mlp.fc1.weight"], [_VH_N + "mlp.fc1.weight"]),
+         lambda m: (m.vision.ffn_hidden_size, m.vision.hidden_size), FIRST, **_COL),
+    Rule((_V + "mlp.fc1.bias",), _vit([_VH_R + "mlp.fc1.bias"], [_VH_N + "mlp.fc1.bias"]),
+         lambda m: (m.vision.ffn_hidden_size,), FIRST, **_COL),
+    Rule((_V + "mlp.fc2.weight",), _vit([_VH_R + "mlp.fc2.weight"], [_VH_N + "mlp.fc2.weight"]),
+         lambda m: (m.vision.hidden_size, m.vision.ffn_hidden_size), FIRST, **_ROW),
+    Rule((_V + "mlp.fc2.bias",), _vit([_VH_R + "mlp.fc2.bias"], [_VH_N + "mlp.fc2.bias"]), _vit_vec, FIRST,
+         linear=True),
     # --- connector (mlp1) ---
     Rule(("mlp1.layer_norm.weight", "mlp1.linear_fc1.layer_norm_weight"),
-         {"remote": ("mlp1.0.weight",), "native": (_CONN_NATIVE + "layer_norm.weight",)}),
+         {"remote": ("mlp1.0.weight",), "native": (_CONN_NATIVE + "layer_norm.weight",)},
+         lambda m: (_connector_in(m),), FIRST),
     Rule(("mlp1.layer_norm.bias", "mlp1.linear_fc1.layer_norm_bias"),
-         {"remote": ("mlp1.0.bias",), "native": (_CONN_NATIVE + "layer_norm.bias",)}),
-    *(Rule((f"mlp1.linear_fc{n}.{p}",), {"remote": (f"mlp1.{r}.{p}",), "native": (_CONN_NATIVE + f"linear_{n}.{p}",)})
-      for n, r in ((1, 1), (2, 3)) for p in ("weight", "bias")),
+         {"remote": ("mlp1.0.bias",), "native": (_CONN_NATIVE + "layer_norm.bias",)},
+         lambda m: (_connector_in(m),), FIRST),
+    Rule(("mlp1.linear_fc1.weight",), {"remote": ("mlp1.1.weight",), "native": (_CONN_NATIVE + "linear_1.weight",)},
+         lambda m: (m.language.hidden_size, _connector_in(m)), FIRST, **_COL, fp8=True),
+    Rule(("mlp1.linear_fc1.bias",), {"remote": ("mlp1.1.bias",), "native": (_CONN_NATIVE + "linear_1.bias",)},
+         _lm_vec, FIRST, **_COL),
+    Rule(("mlp1.linear_fc2.weight",), {"remote": ("mlp1.3.weight",), "native": (_CONN_NATIVE + "linear_2.weight",)},
+         lambda m: (m.language.hidden_size, m.language.hidden_size), FIRST, **_ROW, fp8=True),
+    Rule(("mlp1.linear_fc2.bias",), {"remote": ("mlp1.3.bias",), "native": (_CONN_NATIVE + "linear_2.bias",)},
+         _lm_vec, FIRST, linear=True),
 )
 
+# Module path of the decoder layers (`....layers.`): `bridge/shard.py` renumbers the layer index that follows it.
+DECODER_LAYER_PREFIX = next(r.megatron[0] for r in RULES if r.stage == DECODER).split("{i}")[0]
+
+
+
+def parameter_names(component: str) -> list[str]:
+    """Canonical names (`{i}` for the layer) of one top-level module's parameters: `language_model`, `vision_model`
+    or `mlp1` (the connector)."""
+    return [r.megatron[0] for r in RULES if r.megatron[0].split(".", 1)[0] == component]
 
 def _compile(pattern: str) -> re.Pattern:
     return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(\d+)") + "$")
@@ -271,25 +356,24 @@ def to_megatron(
     return rule.transform_for(layout).to_megatron([read_hf(n) for n in names], model), names
 
 
-def layer_count(space: str, model: ModelConfig) -> int:
-    return model.language.num_layers if space == "decoder" else model.vision.num_layers
-
-
-def megatron_parameters(model: ModelConfig) -> Iterator[tuple[Rule, int | None, str]]:
-    """(rule, layer, canonical name) of every Megatron parameter of this model, in table order."""
-    for rule in RULES:
-        if rule.megatron[0] == "language_model.output_layer.weight" and model.language.tie_embeddings:
-            continue
-        if "q_norm" in rule.megatron[0] or "k_norm" in rule.megatron[0]:
-            if not model.vision.qk_normalization:
-                continue
-        space = rule.layer_space
-        for layer in range(layer_count(space, model)) if space else [None]:
-            yield rule, layer, rule.megatron[0].replace("{i}", str(layer))
+def megatron_parameters(
+    model: ModelConfig, pre_process: bool = True, post_process: bool = True, decoder_layers: Sequence[int] | None = None
+) -> Iterator[tuple[Rule, int | None, str]]:
+    """(rule, layer, canonical name) of every Megatron parameter in the model's registration order (layer by layer).
+    Whole model by default; one pipeline chunk with the arguments: FIRST-stage rules need `pre_process`, LAST-stage
+    ones `post_process`, and `decoder_layers` are the chunk's global decoder layer numbers."""
+    owned = {FIRST: pre_process, DECODER: True, LAST: post_process}
+    layers = {"decoder": range(model.language.num_layers) if decoder_layers is None else decoder_layers,
+              "vision": range(model.vision.num_layers), None: [None]}
+    for space, group in itertools.groupby(RULES, key=lambda r: r.layer_space):
+        rules = [r for r in group if owned[r.stage] and r.present(model, pre_process)]
+        for layer in layers[space]:
+            for rule in rules:
+                yield rule, layer, rule.megatron[0].replace("{i}", str(layer))
 
 
 def expected_hf_names(model: ModelConfig, layout: str) -> Iterator[str]:
-    """Every HF tensor name a checkpoint of this model must hold, in table order (the conversion/refit manifest)."""
+    """Every HF tensor name a checkpoint of this model must hold, in model order (the conversion/refit manifest)."""
     for rule, layer, _ in megatron_parameters(model):
         yield from hf_names(rule, layer, layout)
 
@@ -298,15 +382,6 @@ def convert_layout(
     read_hf: Callable[[str], torch.Tensor], model: ModelConfig, src: str, dst: str
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Re-express a checkpoint in another HF layout through the Megatron form (e.g. remote -> native)."""
-    for rule in RULES:
-        space = rule.layer_space
-        for layer in range(layer_count(space, model)) if space else [None]:
-            names = hf_names(rule, layer, src)
-            try:
-                tensors = [read_hf(n) for n in names]
-            except MappingError:
-                if rule.megatron[0] == "language_model.output_layer.weight" and model.language.tie_embeddings:
-                    continue
-                raise
-            full = rule.transform_for(src).to_megatron(tensors, model)
-            yield from zip(hf_names(rule, layer, dst), rule.transform_for(dst).to_hf(full, model))
+    for rule, layer, _ in megatron_parameters(model):
+        full = rule.transform_for(src).to_megatron([read_hf(n) for n in hf_names(rule, layer, src)], model)
+        yield from zip(hf_names(rule, layer, dst), rule.transform_for(dst).to_hf(full, model))

@@ -28,7 +28,8 @@ def native_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in hf.state_dict().items()}
 
 
-def _value(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
+def random_value(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """The seeded random value of one HF tensor (norm weights near 1, layer scales near 0.1, the rest small)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     noise = torch.randn(shape, generator=g)
     if name.endswith(("lambda_1", "lambda_2")):
@@ -45,7 +46,7 @@ def write_random_hf_checkpoint(
     """Write config.json + (sharded) safetensors for a random model; returns the directory."""
     out = Path(out_dir)
     shapes = native_shapes(model)
-    read = lambda name: _value(name, shapes[name], seed, dtype)  # noqa: E731
+    read = lambda name: random_value(name, shapes[name], seed, dtype)  # noqa: E731
     writer = ShardedSafetensorsWriter(out, max_shard_bytes)
     stream = ((n, read(n)) for n in shapes) if layout == "native" else convert_layout(read, model, "native", layout)
     for name, tensor in stream:

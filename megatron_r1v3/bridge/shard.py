@@ -3,26 +3,24 @@ driven by megatron's `tensor_model_parallel`/`partition_dim` parameter attribute
 
 from __future__ import annotations
 
-import re
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_r1v3.bridge.mapping import DECODER_LAYER_PREFIX
 from megatron_r1v3.models.build import unwrap_model
-
-_DECODER_LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.(.*)$")
 
 
 def global_named_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """Parameters of one model chunk named with global decoder layer indices (PP/VPP offsets applied)."""
     model = unwrap_model(chunk)
     for name, param in model.named_parameters():
-        m = _DECODER_LAYER.match(name)
-        if m:
-            layer = model.language_model.decoder.layers[int(m.group(1))]
-            name = f"language_model.decoder.layers.{layer.layer_number - 1}.{m.group(2)}"
+        if name.startswith(DECODER_LAYER_PREFIX):
+            local, rest = name[len(DECODER_LAYER_PREFIX):].split(".", 1)
+            layer = model.language_model.decoder.layers[int(local)]
+            name = f"{DECODER_LAYER_PREFIX}{layer.layer_number - 1}.{rest}"
         yield name, param
 
 

@@ -1,6 +1,6 @@
 """The toy tokenizer of the `tiny` preset: a real byte-level BPE Hugging Face fast tokenizer, built offline.
 
-Special tokens sit at fixed ids matching `models.presets.tiny`: `<|endoftext|>`=0 (pad), `<|im_start|>`=1 (bos),
+Special tokens sit at fixed ids matching `presets.tiny`: `<|endoftext|>`=0 (pad), `<|im_start|>`=1 (bos),
 `<|im_end|>`=2 (eos), `<img>`=3, `</img>`=4, `<IMG_CONTEXT>`=5, `<video>`=6. The BPE merges are learned from the
 toy task's texts plus the chat template, so those encode compactly; being byte-level, any other text (any
 language, any bytes) still encodes and decodes losslessly. Training is deterministic: the byte alphabet is fixed

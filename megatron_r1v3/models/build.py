@@ -14,23 +14,25 @@ from megatron_r1v3.models.specs import (
     connector_config,
     decoder_layer_spec,
     language_config,
-    padded_vocab_size,
     use_transformer_engine,
     vision_config,
 )
 from megatron_r1v3.models.vlm import R1V3Model
+from megatron_r1v3.parallel.init import current_layout
 from megatron_r1v3.parallel.phase import set_phase
 
 
 def build_model(cfg: RunConfig, meta: bool = False, init: bool = True) -> list[R1V3Model]:
-    """One R1V3Model per virtual pipeline stage owned by this rank (a single chunk without VPP).
+    """One R1V3Model per virtual pipeline stage owned by this rank (a single chunk without VPP), for the layout
+    `init_parallel` set up.
 
     `meta=True` builds on the meta device (parameter counts of the 38B preset in seconds); `init=False` skips
     megatron's weight initialisation when every weight is about to be loaded (conversion, resume).
     """
     set_phase("build_model")
-    lm_cfg = language_config(cfg)
-    vit_cfg = vision_config(cfg)
+    layout = current_layout()
+    lm_cfg = language_config(cfg, layout)
+    vit_cfg = vision_config(cfg, layout)
     if meta or not init:
         lm_cfg = dataclasses.replace(lm_cfg, perform_initialization=False,
                                      use_cpu_initialization=meta or lm_cfg.use_cpu_initialization)
@@ -38,9 +40,8 @@ def build_model(cfg: RunConfig, meta: bool = False, init: bool = True) -> list[R
                                       use_cpu_initialization=meta or vit_cfg.use_cpu_initialization)
     conn_cfg = connector_config(cfg, lm_cfg)
     spec, use_te = decoder_layer_spec(cfg), use_transformer_engine(cfg)
-    lm = cfg.model.language
-    vocab = padded_vocab_size(lm.vocab_size, lm.make_vocab_size_divisible_by, cfg.parallel.tensor)
-    vpp = cfg.parallel.virtual_pipeline
+    vocab = cfg.model.language.padded_vocab_size
+    vpp = layout.vpp
     chunks = []
     with torch.device("meta") if meta else contextlib.nullcontext():
         for i in range(vpp or 1):

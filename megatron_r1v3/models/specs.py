@@ -1,4 +1,5 @@
-"""Transformer configs and layer specs: TE spec (with FP8 settings) when TE imports, else megatron-core local spec."""
+"""Transformer configs and layer specs: TE spec (with FP8 settings) when TE imports, else megatron-core local spec.
+The parallel degrees come from the run's `ParallelLayout` (the one object that decides them)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ import torch.nn.functional as F
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_r1v3.config import ConfigError, RunConfig, padded_vocab_size  # noqa: F401 (re-export)
+from megatron_r1v3.config import ConfigError, RunConfig, torch_dtype
 from megatron_r1v3.parallel import te_available
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from megatron_r1v3.parallel.layout import ParallelLayout
 
 
 def use_transformer_engine(cfg: RunConfig) -> bool:
@@ -30,19 +30,19 @@ def params_dtype(cfg: RunConfig) -> torch.dtype:
     name = cfg.precision.params_dtype
     if name == "auto":
         name = "bf16" if torch.cuda.is_available() else "fp32"
-    return _DTYPES[name]
+    return torch_dtype(name)
 
 
-def _common(cfg: RunConfig) -> dict:
-    p, prec = cfg.parallel, cfg.precision
+def _common(cfg: RunConfig, layout: ParallelLayout) -> dict:
+    prec = cfg.precision
     dtype = params_dtype(cfg)
     on_gpu = torch.cuda.is_available()
     common = dict(
-        tensor_model_parallel_size=p.tensor,
-        pipeline_model_parallel_size=p.pipeline,
-        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
-        context_parallel_size=p.context,
-        sequence_parallel=p.sequence_parallel,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+        sequence_parallel=layout.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -71,12 +71,12 @@ def _common(cfg: RunConfig) -> dict:
     return common
 
 
-def language_config(cfg: RunConfig) -> TransformerConfig:
+def language_config(cfg: RunConfig, layout: ParallelLayout) -> TransformerConfig:
     """Qwen2.5: GQA with qkv bias, SwiGLU without bias, RMSNorm, RoPE."""
-    lm, p = cfg.model.language, cfg.parallel
+    lm = cfg.model.language
     extra = {}
-    if p.decoder_layers_in_first_stage is not None:
-        extra["num_layers_in_first_pipeline_stage"] = p.decoder_layers_in_first_stage
+    if layout.first_stage_layers is not None:
+        extra["num_layers_in_first_pipeline_stage"] = layout.first_stage_layers
     return TransformerConfig(
         num_layers=lm.num_layers,
         hidden_size=lm.hidden_size,
@@ -91,14 +91,14 @@ def language_config(cfg: RunConfig) -> TransformerConfig:
         normalization="RMSNorm",
         layernorm_epsilon=lm.norm_eps,
         **extra,
-        **_common(cfg),
+        **_common(cfg, layout),
     )
 
 
-def vision_config(cfg: RunConfig) -> TransformerConfig:
+def vision_config(cfg: RunConfig, layout: ParallelLayout) -> TransformerConfig:
     """InternViT: the megatron config its TP linears read (sizes use the padded head count)."""
     v = cfg.model.vision
-    common = _common(cfg)
+    common = _common(cfg, layout)
     for key in ("fp8", "fp8_recipe", "fp8_margin", "fp8_amax_history_len", "fp8_amax_compute_algo"):
         common.pop(key, None)  # the ViT runs in BF16: FP8 covers connector and decoder
     common.update(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None)

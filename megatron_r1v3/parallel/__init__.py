@@ -1,13 +1,12 @@
-"""Process groups and megatron-core parallel state; importing this package installs the CPU shim when CUDA is absent.
+"""Process set-up, the parallel layout and megatron-core's process groups.
 
-Every module that imports megatron-core imports this package first, so the shim is in place before megatron-core
-binds any CUDA call (it is a no-op on GPU machines). megatron-core itself is imported only when a process-group
-helper is first used.
+Importing this package changes nothing. Entry points (the `r1v3` CLI, the test launcher's workers, the tools) call
+`setup_process()` first: it installs the CPU shim when CUDA is absent, so megatron-core's hard-coded CUDA calls run
+on CPU/gloo, and silences megatron's known benign notices. `init_parallel` calls it too, for library users.
+megatron-core itself is imported only when a process-group helper is first used.
 """
 
 import warnings
-
-import torch
 
 # Known, benign notices megatron-core prints once per process; silenced so real warnings stay visible.
 _BENIGN = [
@@ -17,20 +16,28 @@ _BENIGN = [
     "`torch.jit.script_method` is deprecated",
     "Please use DTensor instead and we are deprecating ShardedTensor",  # torch DCP inside dist_checkpointing
 ]
-if not torch.cuda.is_available():  # expected fallbacks on CPU machines; GPU-only advice
-    _BENIGN += [".*(Transformer Engine and Apex are|Apex is) not installed", "When using async grad allreduce"]
-for _pattern in _BENIGN:
-    warnings.filterwarnings("ignore", message=_pattern)
+_CPU_ONLY = [".*(Transformer Engine and Apex are|Apex is) not installed", "When using async grad allreduce"]
 
-from megatron_r1v3.parallel.cpu_shim import apply_cpu_shim  # noqa: E402
 
-apply_cpu_shim()
+def setup_process() -> bool:
+    """Warning filters + the CPU shim (a no-op with CUDA). Idempotent; returns whether the shim is active. Call it
+    before megatron-core is imported."""
+    import torch
 
-_INIT_NAMES = ("ParallelState", "destroy_parallel", "init_parallel", "set_model_parallel", "te_available")
+    from megatron_r1v3.parallel.cpu_shim import apply_cpu_shim
+
+    on_cpu = not torch.cuda.is_available()
+    for pattern in _BENIGN + (_CPU_ONLY if on_cpu else []):  # CPU: expected fallbacks, GPU-only advice
+        warnings.filterwarnings("ignore", message=pattern)
+    return apply_cpu_shim()
+
+
+_INIT_NAMES = ("ParallelState", "current_layout", "destroy_parallel", "init_parallel", "set_model_parallel",
+               "te_available")
 
 
 def __getattr__(name: str):
-    """Process-group helpers load megatron-core on first use, so config/conversion tools start without it."""
+    """Process-group helpers load torch (and megatron-core) on first use, so config tools start without them."""
     if name in _INIT_NAMES:
         from megatron_r1v3.parallel import init
 
@@ -38,4 +45,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["apply_cpu_shim", *_INIT_NAMES]
+__all__ = ["setup_process", *_INIT_NAMES]

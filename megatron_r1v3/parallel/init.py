@@ -1,4 +1,5 @@
-"""`init_parallel(cfg)`: the one place where processes, devices and megatron parallel groups are decided."""
+"""`init_parallel(cfg)`: starts this process's distributed runtime: launch environment, the run's checked layout
+(`parallel.layout.plan_layout`), device, torch.distributed and megatron-core's groups, RNG seeds."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_r1v3.config import RunConfig, validate
+from megatron_r1v3.config import RunConfig
+from megatron_r1v3.parallel import setup_process
 from megatron_r1v3.parallel.env import LaunchEnv, detect_launch_env
+from megatron_r1v3.parallel.layout import ParallelLayout, plan_layout
 from megatron_r1v3.parallel.phase import set_phase
+
+_current: ParallelLayout | None = None
 
 
 @functools.lru_cache(maxsize=1)
@@ -27,16 +32,12 @@ def te_available() -> bool:
 
 @dataclass(frozen=True)
 class ParallelState:
-    """The layout this process runs in; ranks are megatron-core's."""
+    """The layout this process runs in and its place in it; ranks are megatron-core's."""
 
     env: LaunchEnv
     backend: str
     device: torch.device
-    tp: int
-    pp: int
-    vpp: int | None
-    cp: int
-    dp: int
+    layout: ParallelLayout
     tp_rank: int
     pp_rank: int
     dp_rank: int
@@ -44,6 +45,22 @@ class ParallelState:
     @property
     def rank(self) -> int:
         return self.env.rank
+
+    @property
+    def tp(self) -> int:
+        return self.layout.tp
+
+    @property
+    def pp(self) -> int:
+        return self.layout.pp
+
+    @property
+    def vpp(self) -> int | None:
+        return self.layout.vpp
+
+    @property
+    def dp(self) -> int:
+        return self.layout.dp
 
     @property
     def is_first_stage(self) -> bool:
@@ -61,10 +78,11 @@ def _backend(requested: str) -> str:
 
 
 def init_parallel(cfg: RunConfig) -> ParallelState:
-    """Start torch.distributed from torchrun/Slurm/single-process env, validate cfg, build megatron groups, seed."""
+    """Start torch.distributed from torchrun/Slurm/single-process env, check cfg, build megatron groups, seed."""
+    setup_process()
     set_phase("init_parallel: rendezvous")
     env = detect_launch_env(cfg.parallel.launcher)
-    validate(cfg, env.world_size, te_available())
+    layout = plan_layout(cfg, env.world_size, te_available())
     backend = _backend(cfg.parallel.backend)
     # megatron's TP communication/compute overlap relies on one hardware queue (set before the CUDA context).
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
@@ -80,26 +98,21 @@ def init_parallel(cfg: RunConfig) -> ParallelState:
             world_size=env.world_size,
             timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
         )
-    return set_model_parallel(cfg, env, backend)
+    return set_model_parallel(cfg, env, backend, layout)
 
 
-def set_model_parallel(cfg: RunConfig, env: LaunchEnv | None = None, backend: str | None = None) -> ParallelState:
+def set_model_parallel(cfg: RunConfig, env: LaunchEnv | None = None, backend: str | None = None,
+                       layout: ParallelLayout | None = None) -> ParallelState:
     """(Re)build megatron-core's TP/PP/VPP/CP/DP groups inside an existing process group and seed the RNGs."""
+    global _current
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     set_phase("init_parallel: model-parallel groups")
     world = dist.get_world_size()
-    validate(cfg, world, te_available())
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    p = cfg.parallel
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=p.tensor,
-        pipeline_model_parallel_size=p.pipeline,
-        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
-        context_parallel_size=p.context,
-    )
+    layout = layout or plan_layout(cfg, world, te_available())
+    layout.build_groups()
+    _current = layout
     model_parallel_cuda_manual_seed(cfg.seed, force_reset_rng=True)
     torch.manual_seed(cfg.seed)
     env = env or LaunchEnv(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0)), "", 0, "existing")
@@ -108,20 +121,26 @@ def set_model_parallel(cfg: RunConfig, env: LaunchEnv | None = None, backend: st
         env=env,
         backend=backend or dist.get_backend(),
         device=device,
-        tp=p.tensor,
-        pp=p.pipeline,
-        vpp=p.virtual_pipeline,
-        cp=p.context,
-        dp=ps.get_data_parallel_world_size(),
+        layout=layout,
         tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
     )
 
 
+def current_layout() -> ParallelLayout:
+    """The layout of the groups `set_model_parallel` built last (what model builders read)."""
+    if _current is None:
+        raise RuntimeError("no parallel layout yet: call init_parallel(cfg) first")
+    return _current
+
+
 def destroy_parallel() -> None:
     """Tear down megatron groups and the process group (safe to call twice)."""
+    global _current
     from megatron.core import parallel_state as ps
+
+    _current = None
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()

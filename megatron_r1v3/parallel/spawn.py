@@ -46,7 +46,10 @@ def _worker(target, rank, world, port, phase_dir, env, results, kwargs) -> None:
     import torch
 
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+    from megatron_r1v3.parallel import setup_process
     from megatron_r1v3.parallel.phase import set_phase
+
+    setup_process()  # before the target's module can import megatron-core
 
     set_phase("import")
     try:

@@ -14,6 +14,7 @@ Rows added to fill the last microbatch have an all-zero mask.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -52,6 +53,16 @@ def sequence_length(rollouts: Sequence[Rollout], multiple: int = 8) -> int:
     """One padded length for the whole episode (every pipeline stage must agree on the shape)."""
     longest = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
     return -(-longest // multiple) * multiple
+
+
+def episode_microbatches(rows: Sequence[Rollout], state, micro_batch_size: int, pad_id: int,
+                         pixels_of: Callable[[int], torch.Tensor | None], step: int) -> list[dict]:
+    """This DP rank's microbatches of an episode's rows, padded to one length that the layout accepts (a multiple
+    of 8 and of `ParallelLayout.seq_multiple`)."""
+    mine, n_micro = shard_rows(rows, state.dp_rank, state.dp, micro_batch_size)
+    seq = sequence_length(rows, math.lcm(8, state.layout.seq_multiple))
+    return [microbatch(mine[i * micro_batch_size:(i + 1) * micro_batch_size], seq, pad_id, pixels_of, step)
+            for i in range(n_micro)]
 
 
 def microbatch(

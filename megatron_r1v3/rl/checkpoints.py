@@ -14,19 +14,14 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
-from megatron_r1v3.bridge.export import iter_hf_tensors
-from megatron_r1v3.bridge.mapping import expected_hf_names
 from megatron_r1v3.config import RunConfig
+from megatron_r1v3.data.sources import prepare_data
 from megatron_r1v3.models.build import build_model
+from megatron_r1v3.models.weights import load_initial_weights
 from megatron_r1v3.parallel import init_parallel
 from megatron_r1v3.rl.evaluate import evaluate_heldout
 from megatron_r1v3.rl.prompts import load_prompts
-from megatron_r1v3.rl.rollouts import PixelSource, RolloutWorker
-from megatron_r1v3.rollout.refit import push_weights
-from megatron_r1v3.sft.data import prepare_data
-from megatron_r1v3.sft.trainer import load_initial_weights
+from megatron_r1v3.rl.rollouts import PixelSource, refit_worker, start_rollouts
 
 
 def checkpoint_dirs(path: str | Path) -> list[Path]:
@@ -43,25 +38,16 @@ def checkpoint_dirs(path: str | Path) -> list[Path]:
 def evaluate_checkpoints(cfg: RunConfig, paths: list[Path], out_dir: Path) -> list[dict]:
     """Collective: evaluate each checkpoint in turn with one engine; rank 0 writes per-item JSONL per checkpoint."""
     state = init_parallel(cfg)
-    sources = prepare_data(cfg, state)
+    sources = prepare_data(cfg, state.rank)
     if not sources.val:
         raise ValueError("evaluation needs held-out data: set data.val (or use the toy task)")
     pixels = PixelSource(cfg, load_prompts(sources.val, sources.root, cfg.data.strict), sources.tokenizer)
     chunks = build_model(cfg, init=False)
-    worker = None
-    if state.rank == 0:
-        from megatron_r1v3.rollout.hf_export import write_vllm_model_dir
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model_dir = write_vllm_model_dir(out_dir / "vllm_model", cfg.model, sources.tokenizer_dir, torch.float32,
-                                         max_tiles=cfg.data.max_tiles, seed=cfg.seed)
-        worker = RolloutWorker(cfg, model_dir, sources.tokenizer)
-    names = list(expected_hf_names(cfg.model, "native"))
+    worker = start_rollouts(cfg, sources.tokenizer_dir, sources.tokenizer, out_dir / "vllm_model", state.rank)
     results = []
     for path in paths:
         load_initial_weights(chunks, str(path))
-        push_weights(worker.engine if worker else None, iter_hf_tensors(chunks, cfg.model, "native"), names,
-                     bucket_bytes=cfg.rl.refit_bucket_mb * 2**20)
+        refit_worker(worker, chunks, cfg)
         items_dir = out_dir / "items" / path.name if state.rank == 0 else None
         ev = evaluate_heldout(chunks, cfg, worker, pixels, state, 0, items_dir)
         results.append({"checkpoint": str(path), **ev})

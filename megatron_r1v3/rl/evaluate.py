@@ -14,7 +14,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_r1v3.config import RunConfig
-from megatron_r1v3.rl.batch import microbatch, sequence_length, shard_rows
+from megatron_r1v3.rl.batch import episode_microbatches
 from megatron_r1v3.rl.policy_loss import policy_loss, reduce_metrics
 from megatron_r1v3.rl.rollouts import PixelSource, RolloutWorker, longest_response, sampling_seeds
 from megatron_r1v3.training.step import run_schedule
@@ -31,11 +31,8 @@ def broadcast_object(obj, src: int = 0):
 
 def teacher_forced_metrics(chunks, cfg: RunConfig, rows, pixels: PixelSource, state, step: int) -> dict[str, float]:
     """Token entropy and critical-token entropy of `rows` under the Megatron model (forward only)."""
-    mine, n_micro = shard_rows(rows, state.dp_rank, state.dp, cfg.train.micro_batch_size)
-    seq = sequence_length(rows)
-    mbs = [microbatch(mine[i * cfg.train.micro_batch_size:(i + 1) * cfg.train.micro_batch_size], seq,
-                      cfg.model.pad_token_id, pixels, step) for i in range(n_micro)]
-    outputs = run_schedule(chunks, mbs, partial(policy_loss, cfg.rl, 1.0, 0.0), forward_only=True)
+    mbs = episode_microbatches(rows, state, cfg.train.micro_batch_size, cfg.model.pad_token_id, pixels, step)
+    outputs = run_schedule(chunks, mbs, partial(policy_loss, cfg.rl, 0.0), forward_only=True)
     return reduce_metrics(outputs)
 
 

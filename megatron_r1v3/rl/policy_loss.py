@@ -43,7 +43,7 @@ def _per_response_mean(values: torch.Tensor, flags: torch.Tensor) -> tuple[torch
     return (s[has] / n[has]).sum(), has.sum().float()
 
 
-def policy_loss(rl: RLConfig, total_count: float, scale: float, batch: dict, logits: torch.Tensor):
+def policy_loss(rl: RLConfig, scale: float, batch: dict, logits: torch.Tensor):
     """megatron loss function: (scaled loss, {'loss': the same, detached, 'vec': metric sums})."""
     mask = batch["mask"]
     if rl.entropy_coef:
@@ -117,4 +117,4 @@ def write_logprobs(chunks, microbatches: list[dict], key: str) -> None:
 def loss_function(rl: RLConfig, total_count: float, n_micro: int):
     """The loss function for `training.step.train_step` (scale: see the module docstring)."""
     scale = n_micro * ps.get_data_parallel_world_size() / total_count
-    return partial(policy_loss, rl, total_count, scale)
+    return partial(policy_loss, rl, scale)

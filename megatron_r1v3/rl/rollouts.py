@@ -20,6 +20,7 @@ from megatron_r1v3.metrics.entropy import critical_mask
 from megatron_r1v3.rl.batch import Rollout
 from megatron_r1v3.rl.prompts import Prompt, make_prompt
 from megatron_r1v3.rl.rewards import score_batch
+from megatron_r1v3.rollout.refit import RefitStats, refit
 
 
 def max_response_tokens(cfg: RunConfig, step: int) -> int:
@@ -112,3 +113,20 @@ class RolloutWorker:
         self.engine.close()
         if self.verifier is not None:
             self.verifier.close()
+
+
+def start_rollouts(cfg: RunConfig, tokenizer_dir: Path, tokenizer, model_dir: Path, rank: int) -> RolloutWorker | None:
+    """Rank 0: write the engine's model directory (throw-away weights: the first refit replaces them) and start
+    the engine; None on the other ranks."""
+    if rank != 0:
+        return None
+    from megatron_r1v3.rollout.hf_export import write_vllm_model_dir
+
+    write_vllm_model_dir(model_dir, cfg.model, tokenizer_dir, torch.float32, max_tiles=cfg.data.max_tiles,
+                         seed=cfg.seed)
+    return RolloutWorker(cfg, model_dir, tokenizer)
+
+
+def refit_worker(worker: RolloutWorker | None, chunks, cfg: RunConfig) -> RefitStats:
+    """Collective: every rank feeds the weight stream, rank 0's engine loads it."""
+    return refit(worker.engine if worker else None, chunks, cfg.model, cfg.rl.refit_bucket_mb)

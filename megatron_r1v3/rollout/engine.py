@@ -2,9 +2,10 @@
 
 Prompts are token ids in the vLLM form (ONE `<IMG_CONTEXT>` per image, see `data.template`) plus decoded RGB PIL
 images; vLLM's InternVL processor tiles each image and expands its placeholder, exactly like `expand_image_tokens`.
-The engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): starting takes seconds and weights can be handed
-over as tensors (`refit.push_weights`). On CPU `TORCH_COMPILE_DISABLE=1` avoids a g++ kernel compile the first time
-logprobs are asked for. Sleep mode (freeing weights / KV cache between rollouts) exists only on GPU.
+The engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) on CPU and GPU alike: starting takes seconds and
+weights can be handed over as tensors (`refit.push_weights`). On every device it currently runs eager with
+`TORCH_COMPILE_DISABLE=1` (on CPU that avoids a g++ kernel compile the first time logprobs are asked for; on GPU it
+forgoes CUDA graphs). Sleep mode (freeing weights / KV cache between rollouts) exists only on GPU.
 """
 
 from __future__ import annotations

@@ -71,10 +71,10 @@ def write_weights(out_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]], dt
 
 def random_hf_tensors(model_cfg: ModelConfig, seed: int) -> Iterable[tuple[str, torch.Tensor]]:
     """Random native-layout weights (shapes from transformers' model class), for an engine refit will overwrite."""
-    from megatron_r1v3.bridge.random_hf import _value, native_shapes
+    from megatron_r1v3.bridge.random_hf import native_shapes, random_value
 
     for name, shape in native_shapes(model_cfg).items():
-        yield name, _value(name, shape, seed, torch.float32)
+        yield name, random_value(name, shape, seed, torch.float32)
 
 
 def write_vllm_model_dir(

@@ -27,6 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_r1v3.bridge.export import iter_hf_tensors
+from megatron_r1v3.bridge.mapping import expected_hf_names
+from megatron_r1v3.config import ModelConfig
+
 _LAYER = re.compile(r"^(.*?\.layers?\.\d+)\.")
 
 
@@ -166,3 +170,10 @@ def push_weights(
     if engine is not None:
         engine.reset_caches()
     return RefitStats(n_tensors, total_bytes, n_buckets, load_seconds, time.perf_counter() - start)
+
+
+def refit(engine, chunks, model: ModelConfig, bucket_mb: int) -> RefitStats:
+    """Collective over the trainer's ranks: the model chunks' weights through the mapping table (native layout)
+    into `engine` (None on ranks without one), checked against the full manifest."""
+    return push_weights(engine, iter_hf_tensors(chunks, model, "native"), expected_hf_names(model, "native"),
+                        bucket_bytes=bucket_mb * 2**20)

@@ -15,7 +15,6 @@ from megatron_r1v3.scaling.memory import (
     GIB,
     Layout,
     decoder_layers_per_chunk,
-    padded_vocab,
     rank_parameters,
 )
 
@@ -75,7 +74,7 @@ def sample_flops(model: ModelConfig, seq: int, tiles: int, causal_skip: bool = T
         "connector": tiles * connector_flops_per_tile(model),
         "decoder_gemm": seq * lm.num_layers * decoder_gemm_flops_per_token(lm),
         "attention": seq * lm.num_layers * decoder_attention_flops_per_token(lm, seq, causal_skip),
-        "logits": seq * 2 * lm.hidden_size * padded_vocab(lm, 1),
+        "logits": seq * 2 * lm.hidden_size * lm.padded_vocab_size,
     }
 
 
@@ -113,7 +112,7 @@ def stage_time(model: ModelConfig, layout: Layout, hw: Hardware, pp_rank: int) -
         vit_bytes = tiles * (v.grid**2 + 1) * v.hidden_size * e
         tp_comm += v.num_layers * (4 + 2 * rc) * _allreduce_s(vit_bytes, t, hw.intra_node_bw)
     if pp_rank == layout.pp - 1:
-        compute += 3 * tokens * 2 * lm.hidden_size * padded_vocab(lm, t) / t / bf16_rate
+        compute += 3 * tokens * 2 * lm.hidden_size * lm.padded_vocab_size / t / bf16_rate
     p2p = 0.0
     if layout.pp > 1:
         cross_node = layout.tp * layout.cp * layout.dp >= hw.gpus_per_node

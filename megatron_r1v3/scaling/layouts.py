@@ -1,13 +1,15 @@
-"""Enumerate the layouts of a model on N nodes, drop those megatron's rules or the GPU memory reject, rank the rest
-by predicted throughput (samples/s)."""
+"""Enumerate the layouts of a model on N nodes, drop those the layout rules (`ParallelLayout.problems`, the same
+checks a run makes at start) or the GPU memory reject, rank the rest by predicted throughput (samples/s)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-from megatron_r1v3.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig, RunConfig, validate
+from megatron_r1v3.config import ModelConfig, RunConfig
+from megatron_r1v3.parallel.layout import ParallelLayout
 from megatron_r1v3.scaling.compute import H100, Hardware, step_time
 from megatron_r1v3.scaling.memory import GIB, Layout, MemoryReport, vllm_bytes, worst_rank_memory
 
@@ -31,7 +33,7 @@ class Candidate:
     time: dict
     vllm: Optional[dict] = None
     problems: list[str] = field(default_factory=list)
-    rules_ok: bool = True  # passes config.validate and the schedule rules (memory aside)
+    rules_ok: bool = True  # passes the layout rules (memory aside)
 
     @property
     def feasible(self) -> bool:
@@ -41,42 +43,24 @@ class Candidate:
 def layout_from_config(cfg: RunConfig, dp: int, micro_batch: int, num_microbatches: int, seq_length: int,
                        tiles_per_sample: int, impl: str = "te") -> Layout:
     """The Layout a RunConfig trains with (params dtype `auto` resolves to fp32 for impl=local, bf16 otherwise)."""
-    p, prec = cfg.parallel, cfg.precision
+    prec = cfg.precision
     dtype = prec.params_dtype if prec.params_dtype != "auto" else ("fp32" if impl == "local" else "bf16")
+    grid = dataclasses.asdict(ParallelLayout.from_config(cfg.parallel))
+    grid["dp"] = dp
     return Layout(
-        tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, cp=p.context, dp=dp, micro_batch=micro_batch,
-        num_microbatches=num_microbatches, seq_length=seq_length, tiles_per_sample=tiles_per_sample,
-        sequence_parallel=p.sequence_parallel, recompute=cfg.model.activation_recompute,
+        **grid, micro_batch=micro_batch, num_microbatches=num_microbatches, seq_length=seq_length,
+        tiles_per_sample=tiles_per_sample, recompute=cfg.model.activation_recompute,
         distributed_optimizer=cfg.optimizer.use_distributed_optimizer, fp8=prec.fp8 is not None,
-        params_dtype=dtype, first_stage_layers=p.decoder_layers_in_first_stage, impl=impl,
+        params_dtype=dtype, impl=impl,
     )
 
 
 def rule_violations(model: ModelConfig, layout: Layout, global_batch: int) -> list[str]:
-    """megatron_r1v3's own start-time checks (`config.validate`, with TE available) plus schedule/batch rules."""
-    cfg = RunConfig(model=model)
-    cfg.parallel = ParallelConfig(
-        tensor=layout.tp, pipeline=layout.pp, virtual_pipeline=layout.vpp, context=layout.cp,
-        sequence_parallel=layout.sequence_parallel, decoder_layers_in_first_stage=layout.first_stage_layers,
-    )
-    cfg.precision = PrecisionConfig(fp8="hybrid" if layout.fp8 else None)
-    cfg.optimizer.use_distributed_optimizer = layout.distributed_optimizer
-    cfg.train.global_batch_size, cfg.train.micro_batch_size = global_batch, layout.micro_batch
-    cfg.data.seq_length = min(layout.seq_length, model.language.max_position_embeddings)
-    problems = []
-    try:
-        validate(cfg, layout.world, te_available=True)
-    except ConfigError as exc:
-        problems.append(str(exc))
-    if layout.vpp and (layout.num_microbatches < layout.pp or layout.num_microbatches % layout.pp):
-        problems.append(f"interleaved schedule needs microbatches ({layout.num_microbatches}) a multiple of PP")
-    if layout.cp > 1 and layout.seq_length % (2 * layout.cp):
-        problems.append(f"seq_length {layout.seq_length} not divisible by 2·CP")
-    if layout.sequence_parallel and layout.seq_length % (layout.tp * layout.cp):
-        problems.append(f"seq_length {layout.seq_length} not divisible by TP·CP for sequence parallel")
-    if layout.seq_length > model.language.max_position_embeddings:
-        problems.append(f"seq_length {layout.seq_length} > max_position_embeddings")
-    return problems
+    """The rules a run checks at start (`ParallelLayout.problems`, Transformer Engine available) for this layout's
+    sequence length, microbatches and batch."""
+    return layout.problems(model, te_available=True, seq_length=layout.seq_length,
+                           num_microbatches=layout.num_microbatches, global_batch=global_batch,
+                           micro_batch=layout.micro_batch)
 
 
 def evaluate(model: ModelConfig, layout: Layout, hw: Hardware = H100, rollout: Optional[Rollout] = None,

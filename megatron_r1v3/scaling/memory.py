@@ -1,9 +1,9 @@
 """Bytes per GPU of one training layout, from the shapes the model builds (arithmetic only).
 
-Parameters per pipeline stage follow `models/build.py`: ViT + connector + word embedding on the first (virtual)
-stage, decoder layers split by PP/VPP (`first_stage_layers` = megatron `num_layers_in_first_pipeline_stage`), final
-norm + output layer on the last. TP splits column-parallel weights and biases and row-parallel weights; norms,
-layer scales, row-parallel biases and the ViT embeddings are replicated. Activations are the bytes autograd saves
+Parameters come from the mapping table (`bridge/mapping.py`: shape, TP split, owning stage, in registration order):
+ViT + connector + word embedding on the first (virtual) stage, decoder layers split by PP/VPP
+(`first_stage_layers` = megatron `num_layers_in_first_pipeline_stage`), final norm + output layer on the last; a
+TP-split tensor holds 1/TP of its elements per rank. Activations are the bytes autograd saves
 for backward (the quantity `tools/validate_scaling.py` measures), per op of each implementation, times the
 microbatches the pipeline schedule keeps in flight.
 """
@@ -14,42 +14,30 @@ import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import Iterator
 
-from megatron_r1v3.config import LanguageConfig, ModelConfig, VisionConfig, padded_vocab_size
+from megatron_r1v3.bridge.mapping import Rule, megatron_parameters
+from megatron_r1v3.config import ModelConfig, VisionConfig, dtype_bytes
+from megatron_r1v3.parallel.layout import ParallelLayout
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GIB = 2**30
 
 
 @dataclass(frozen=True)
-class Layout:
-    """A training layout: process grid, batch shape and the memory switches (impl: te = TE layers + flash
-    attention as on GPU; local = megatron-core local spec with unfused attention, as the CPU runs use)."""
+class Layout(ParallelLayout):
+    """A training layout: the process grid (`ParallelLayout`, with its rules), batch shape and the memory switches
+    (impl: te = TE layers + flash attention as on GPU; local = megatron-core local spec with unfused attention, as
+    the CPU runs use)."""
 
-    tp: int = 1
-    pp: int = 1
-    vpp: int | None = None
-    cp: int = 1
-    dp: int = 1
     micro_batch: int = 1
     num_microbatches: int = 1
     seq_length: int = 4096
     tiles_per_sample: int = 7
-    sequence_parallel: bool = False
     recompute: bool = False
     distributed_optimizer: bool = True
     fp8: bool = False
     params_dtype: str = "bf16"
-    first_stage_layers: int | None = None
     impl: str = "te"
-
-    @property
-    def world(self) -> int:
-        return self.tp * self.pp * self.cp * self.dp
-
-    @property
-    def chunks(self) -> int:
-        return self.vpp or 1
 
     @property
     def global_batch(self) -> int:
@@ -57,73 +45,42 @@ class Layout:
 
     def label(self) -> str:
         """Short name, e.g. `TP8·PP2·VPP2·DP2 mb1 rc dopt fp8`."""
-        grid = f"TP{self.tp}·PP{self.pp}" + (f"·VPP{self.vpp}" if self.vpp else "")
-        grid += (f"·CP{self.cp}" if self.cp > 1 else "") + f"·DP{self.dp}"
         flags = [f"mb{self.micro_batch}"] + [
             name for name, on in (("sp", self.sequence_parallel), ("rc", self.recompute),
                                   ("dopt", self.distributed_optimizer), ("fp8", self.fp8)) if on
         ]
         if self.first_stage_layers is not None:
             flags.append(f"first{self.first_stage_layers}")
+        grid = super().label()
         return grid + " " + " ".join(flags)
 
 
-def padded_vocab(lm: LanguageConfig, tp: int) -> int:
-    """The vocab the model allocates (`config.padded_vocab_size`)."""
-    return padded_vocab_size(lm.vocab_size, lm.make_vocab_size_divisible_by, tp)
-
-
 # ---------------------------------------------------------------- parameters (one entry per tensor, this TP rank)
-def vit_tensors(v: VisionConfig, tp: int) -> list[int]:
-    """InternViT tensors: replicated embeddings, per layer qkv/q_norm/k_norm/proj/fc1/fc2 split over padded heads."""
-    h, f, w = v.hidden_size, v.ffn_hidden_size // tp, v.padded_heads * v.head_dim // tp
-    out = [h, h * 3 * v.patch_size**2, h, (v.grid**2 + 1) * h]
-    norms = [w, w] if v.qk_normalization else []
-    layer = [h, 3 * w * h, *norms, h * w, h, h, h, f * h, f, h * f, h, h]
-    return out + layer * v.num_layers
-
-
-def connector_tensors(model: ModelConfig, tp: int) -> list[int]:
-    """mlp1: LayerNorm(4·H_vit) (replicated) -> column-parallel fc1 -> row-parallel fc2 (bias replicated)."""
-    c = int(model.vision.hidden_size / model.connector.downsample_ratio**2)
-    h = model.language.hidden_size
-    return [c, c, h // tp * c, h // tp, h * (h // tp), h]
-
-
-def decoder_layer_tensors(lm: LanguageConfig, tp: int) -> list[int]:
-    """Qwen2.5 layer: RMSNorm, qkv (+bias, KV groups), proj, RMSNorm, fc1 ([gate; up]), fc2."""
-    h, d = lm.hidden_size, lm.head_dim
-    qkv = (lm.num_heads + 2 * lm.num_kv_heads) * d // tp
-    return [h, qkv * h, qkv, h * lm.num_heads * d // tp, h, 2 * lm.ffn_hidden_size // tp * h,
-            h * lm.ffn_hidden_size // tp]
+def tensor_elements(rule: Rule, model: ModelConfig, tp: int) -> int:
+    """Elements one TP rank holds of a parameter: 1/TP of a TP-split tensor, all of a replicated one."""
+    n = math.prod(rule.shape(model))
+    return n // tp if rule.tp_dim is not None else n
 
 
 def decoder_layers_per_chunk(model: ModelConfig, layout: Layout) -> list[list[int]]:
-    """[pp_rank][vp_stage] -> decoder layers (megatron's split; `config.validate` checks it divides)."""
-    n, pp, vpp, first = model.language.num_layers, layout.pp, layout.chunks, layout.first_stage_layers
-    if first is not None and pp > 1:
-        rest = (n - first) // (pp - 1)
-        return [[first]] + [[rest] for _ in range(pp - 1)]
-    return [[n // (pp * vpp)] * vpp for _ in range(pp)]
+    """[pp_rank][vp_stage] -> decoder layers (`ParallelLayout.decoder_layers`)."""
+    return layout.decoder_layers(model.language.num_layers)
+
+
+def _chunk_rules(model: ModelConfig, layout: Layout, pp_rank: int, vp: int) -> Iterator[Rule]:
+    """The rule of every parameter tensor of one model chunk, in registration order."""
+    pre = pp_rank == 0 and vp == 0
+    post = pp_rank == layout.pp - 1 and vp == layout.chunks - 1
+    layers = range(decoder_layers_per_chunk(model, layout)[pp_rank][vp])
+    return (rule for rule, _, _ in megatron_parameters(model, pre, post, layers))
 
 
 def chunk_tensors(model: ModelConfig, layout: Layout, pp_rank: int, vp: int) -> dict[str, list[int]]:
-    """Parameter tensors of one model chunk, by component (the names `count_parameters` uses)."""
-    lm, tp = model.language, layout.tp
-    pre = pp_rank == 0 and vp == 0
-    post = pp_rank == layout.pp - 1 and vp == layout.chunks - 1
-    vocab = padded_vocab(lm, tp)
-    dec = decoder_layer_tensors(lm, tp) * decoder_layers_per_chunk(model, layout)[pp_rank][vp]
+    """Elements of each parameter tensor of one model chunk on one TP rank, by component (the names
+    `count_parameters` uses), in registration order."""
     out: dict[str, list[int]] = {}
-    if pre:
-        out["vision_model"] = vit_tensors(model.vision, tp)
-        out["mlp1"] = connector_tensors(model, tp)
-        dec = [vocab // tp * lm.hidden_size] + dec
-    if post:
-        dec = dec + [lm.hidden_size]
-        if not lm.tie_embeddings or layout.pp > 1:  # tied at PP>1: megatron keeps a copy on the last stage
-            dec.append(vocab // tp * lm.hidden_size)
-    out["language_model"] = dec
+    for rule in _chunk_rules(model, layout, pp_rank, vp):
+        out.setdefault(rule.megatron[0].split(".", 1)[0], []).append(tensor_elements(rule, model, layout.tp))
     return out
 
 
@@ -149,17 +106,13 @@ def ddp_buffer_elements(sizes: list[int], dp: int, distributed_optimizer: bool) 
 
 
 def fp8_gemm_weights(model: ModelConfig, layout: Layout, pp_rank: int, vp: int) -> int:
-    """GEMM weights that run in FP8 under TE: decoder qkv/proj/fc1/fc2 and the connector (not ViT, not logits)."""
-    lm, tp = model.language, layout.tp
-    _, qkv, _, proj, _, fc1, fc2 = decoder_layer_tensors(lm, tp)
-    layers = decoder_layers_per_chunk(model, layout)[pp_rank][vp]
-    conn = connector_tensors(model, tp)
-    return layers * (qkv + proj + fc1 + fc2) + (conn[2] + conn[4] if pp_rank == 0 and vp == 0 else 0)
+    """Elements of the GEMM weights that run in FP8 under TE in one chunk (decoder and connector linears)."""
+    return sum(tensor_elements(r, model, layout.tp) for r in _chunk_rules(model, layout, pp_rank, vp) if r.fp8)
 
 
 def static_bytes(model: ModelConfig, layout: Layout, pp_rank: int) -> dict[str, float]:
     """Weights, fp32 grad buffers, Adam states and FP8 weight caches of one rank (bytes)."""
-    pe = DTYPE_BYTES[layout.params_dtype]
+    pe = dtype_bytes(layout.params_dtype)
     weights = grads = 0.0
     params = 0
     gemm = 0
@@ -186,7 +139,7 @@ def static_bytes(model: ModelConfig, layout: Layout, pp_rank: int) -> dict[str, 
 
 # ---------------------------------------------------------------- activations saved for backward (bytes)
 def _act_bytes(layout: Layout) -> int:
-    return DTYPE_BYTES[layout.params_dtype]
+    return dtype_bytes(layout.params_dtype)
 
 
 def decoder_layer_activation(model: ModelConfig, layout: Layout) -> float:
@@ -248,7 +201,7 @@ def last_stage_extra(model: ModelConfig, layout: Layout) -> float:
         norm = (8 + e) * lm.hidden_size + 4
     else:
         norm = (2 * lm.hidden_size * e + 4) / (t if layout.sequence_parallel else 1)
-    return tokens * (norm + padded_vocab(lm, t) // t * 4 + 9 + 4)
+    return tokens * (norm + lm.padded_vocab_size // t * 4 + 9 + 4)
 
 
 def chunk_activation(model: ModelConfig, layout: Layout, pp_rank: int, vp: int) -> dict[str, float]:
@@ -333,18 +286,18 @@ def logits_transient(model: ModelConfig, layout: Layout, pp_rank: int) -> float:
     if pp_rank != layout.pp - 1:
         return 0.0
     tokens = layout.micro_batch * layout.seq_length // layout.cp
-    return tokens * padded_vocab(model.language, layout.tp) // layout.tp * 2 * _act_bytes(layout)
+    return tokens * model.language.padded_vocab_size // layout.tp * 2 * _act_bytes(layout)
 
 
 # ---------------------------------------------------------------- colocated vLLM
 def vllm_bytes(model: ModelConfig, vllm_tp: int, gpu_memory_utilization: float, capacity: float,
                profile_bytes: float = 2 * GIB) -> dict[str, float]:
     """vLLM's reservation (utilization × capacity): bf16 weights / TP, a profiling allowance, the rest KV cache."""
-    lm, v = model.language, model.vision
-    unpadded = dataclasses.replace(v, head_pad_multiple=1)  # vLLM holds the real heads
-    real = sum(vit_tensors(unpadded, 1)) + sum(connector_tensors(model, 1)) + lm.num_layers * sum(
-        decoder_layer_tensors(lm, 1)) + (2 * lm.vocab_size + 1) * lm.hidden_size
-    weights = 2.0 * real / vllm_tp
+    lm = model.language
+    real = dataclasses.replace(  # vLLM holds the real ViT heads and vocab
+        model, vision=dataclasses.replace(model.vision, head_pad_multiple=1),
+        language=dataclasses.replace(lm, make_vocab_size_divisible_by=1))
+    weights = 2.0 * sum(math.prod(rule.shape(real)) for rule, _, _ in megatron_parameters(real)) / vllm_tp
     kv_heads = math.ceil(lm.num_kv_heads / vllm_tp)  # replicated when TP exceeds the KV heads
     kv_per_token = 2 * lm.num_layers * kv_heads * lm.head_dim * 2
     reserved = gpu_memory_utilization * capacity

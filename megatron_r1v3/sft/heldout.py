@@ -6,14 +6,17 @@ vLLM (`r1v3 eval`). Images go through the same tiling as training (Pillow decode
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from megatron_r1v3.config import RunConfig
 from megatron_r1v3.data.answers import answers_match, is_well_formed, last_boxed
 from megatron_r1v3.data.dali import make_image_decoder
 from megatron_r1v3.data.records import RecordReader
+from megatron_r1v3.data.sources import DataSources, tiling_for
 from megatron_r1v3.data.template import encode_prompt_for_training
-from megatron_r1v3.sft.data import DataSources, tiling_for
 from megatron_r1v3.training.generate import greedy_generate
 
 
@@ -43,3 +46,8 @@ def heldout_answers(chunks, cfg: RunConfig, sources: DataSources, limit: int = 3
     n = max(len(items), 1)
     return {"well_formed": sum(i["well_formed"] for i in items) / n, "accuracy": sum(i["correct"] for i in items) / n,
             "items": items}
+
+
+def write_items(path: Path, items: list[dict]) -> None:
+    """Per-item answers as JSONL (one object per held-out sample)."""
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))

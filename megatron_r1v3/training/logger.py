@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch.distributed as dist
+
+from megatron_r1v3.parallel.phase import set_phase
 
 
 class RunLogger:
@@ -63,3 +68,20 @@ class RunLogger:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+class StepTimer:
+    """Seconds per named phase of one step (`with timer("rollout"): ...`); entering a phase also records it as
+    this rank's current phase (for hang reports)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        set_phase(name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from megatron_r1v3.models.weights import load_model, save_model
 from megatron_r1v3.parallel.phase import set_phase
-from megatron_r1v3.training.checkpoint import load_model, save_model
 
 LATEST = "latest"
 

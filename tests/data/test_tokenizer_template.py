@@ -26,7 +26,7 @@ from megatron_r1v3.data.tokenizer import (
     toy_corpus,
     toy_tokenizer,
 )
-from megatron_r1v3.models.presets import r1v3_38b, tiny
+from megatron_r1v3.presets import r1v3_38b, tiny
 
 QUESTION = "What shape is shown in the image? Answer with one word."
 RESPONSE = (

@@ -9,9 +9,9 @@ def vocab_parallel_pieces() -> dict:
     import torch
     from megatron.core import parallel_state as ps
 
-    from megatron_r1v3.config import load_config
     from megatron_r1v3.metrics.entropy import vocab_parallel_entropy
     from megatron_r1v3.parallel import init_parallel
+    from megatron_r1v3.presets import load_config
     from megatron_r1v3.rl.policy_loss import token_logprobs
 
     init_parallel(load_config(None, ["model.preset=tiny", "parallel.tensor=2"]))

@@ -22,8 +22,8 @@ def test_parse_verdict():
 def two_engines_worker(workdir: str) -> dict:
     import torch
 
-    from megatron_r1v3.config import load_config
     from megatron_r1v3.data.tokenizer import toy_tokenizer
+    from megatron_r1v3.presets import load_config
     from megatron_r1v3.rl.rewards import r1v3_reward
     from megatron_r1v3.rl.verifier import EngineVerifier
     from megatron_r1v3.rollout.engine import RolloutEngine

@@ -66,13 +66,13 @@ def refit_worker(workdir: str) -> dict:
 
     from megatron_r1v3.bridge.export import iter_hf_tensors
     from megatron_r1v3.bridge.mapping import expected_hf_names
-    from megatron_r1v3.config import load_config
     from megatron_r1v3.data.template import encode_prompt_for_vllm, expand_image_tokens, image_token_ids
     from megatron_r1v3.data.tiling import TilingConfig, num_tiles, tile_image_pillow
     from megatron_r1v3.data.tokenizer import load_tokenizer, toy_tokenizer
     from megatron_r1v3.models.build import build_model
     from megatron_r1v3.parallel import init_parallel
     from megatron_r1v3.parallel.phase import set_phase
+    from megatron_r1v3.presets import load_config
     from megatron_r1v3.rollout.engine import RolloutEngine
     from megatron_r1v3.rollout.hf_export import write_vllm_model_dir
     from megatron_r1v3.rollout.refit import RefitError, push_weights

@@ -1,5 +1,6 @@
-"""`compare-hf`: the transformers model and our Megatron model (any TP/PP) on the same image + prompt; reports the
-largest absolute logit difference. Users run it after every conversion."""
+"""`r1v3 compare-hf`: the transformers model and our Megatron model (any TP/PP) on the same image + prompt; reports
+the largest absolute logit difference. Users run it after every conversion. A command (next to the CLI): it uses
+the bridge, the data tiling and the training forward pass."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from megatron_r1v3.bridge.convert import build_for_conversion, conversion_run_co
 from megatron_r1v3.bridge.hf_io import HFCheckpoint
 from megatron_r1v3.bridge.mapping import convert_layout
 from megatron_r1v3.config import ModelConfig
+from megatron_r1v3.data.tiling import TilingConfig, tile_image_pillow
+from megatron_r1v3.models.weights import load_model
 from megatron_r1v3.parallel.phase import set_phase
+from megatron_r1v3.training.step import forward_logits
 
 
 def load_transformers_model(hf_dir: str | Path, dtype: torch.dtype = torch.float32):
@@ -40,8 +44,6 @@ def build_inputs(model: ModelConfig, hf_dir: Path, image: str | None, prompt: st
     if image:
         from PIL import Image
 
-        from megatron_r1v3.data.tiling import TilingConfig, tile_image_pillow
-
         pixels = tile_image_pillow(Image.open(image), TilingConfig(tile_size=size))
     else:
         pixels = torch.randn(2, 3, size, size, generator=g)
@@ -62,9 +64,6 @@ def build_inputs(model: ModelConfig, hf_dir: Path, image: str | None, prompt: st
 def compare_hf(hf_dir: str, megatron_dir: str, tp: int = 1, pp: int = 1, image: str | None = None,
                prompt: str | None = None) -> float:
     """Collective over tp*pp ranks; returns max |logit_hf - logit_megatron| (fp32) on every rank."""
-    from megatron_r1v3.training.checkpoint import load_model
-    from megatron_r1v3.training.step import forward_logits
-
     meta = read_meta(megatron_dir)
     model = meta["model"]
     cfg = conversion_run_config(model, torch.float32, tp, pp, None)

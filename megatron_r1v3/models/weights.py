@@ -1,4 +1,5 @@
-"""Model checkpoints with megatron-core dist_checkpointing: saved at one TP/PP/VPP layout, loadable at any other."""
+"""Model weights on disk through megatron-core dist_checkpointing: saved at one TP/PP/VPP layout, loadable at any
+other. Used by conversion, training checkpoints, evaluation and compare-hf alike."""
 
 from __future__ import annotations
 
@@ -31,3 +32,12 @@ def load_model(chunks: list[torch.nn.Module], path: str | Path, strict: bool = T
     loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(path))
     for i, chunk in enumerate(chunks):
         unwrap_model(chunk).load_state_dict(loaded[f"model{i}"], strict=strict)
+
+
+def load_initial_weights(chunks: list[torch.nn.Module], path: str | Path) -> None:
+    """Weights from a megatron_r1v3 checkpoint: a converted dir, a training `step_*` dir, or a run's checkpoints
+    root (its `latest`)."""
+    root = Path(path)
+    if (root / "latest").is_file():
+        root = root / (root / "latest").read_text().strip()
+    load_model(chunks, root / "model")

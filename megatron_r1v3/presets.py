@@ -1,8 +1,17 @@
-"""Named model shapes: `r1v3-38b` (spec §1) and `tiny` (CPU, seconds)."""
+"""Named model shapes (`r1v3-38b`, spec §1; `tiny`, CPU in seconds) and recipe loading: preset, then YAML, then
+`key=value` overrides, merged into a typed `RunConfig`.
+
+The layer directly above the config dataclasses: `config.py` knows no preset, so the dataclasses import nothing.
+"""
 
 from __future__ import annotations
 
-from megatron_r1v3.config import ConnectorConfig, LanguageConfig, ModelConfig, VisionConfig
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from megatron_r1v3.config import ConfigError, ConnectorConfig, LanguageConfig, ModelConfig, RunConfig, VisionConfig
 
 
 def r1v3_38b() -> ModelConfig:
@@ -47,7 +56,19 @@ PRESETS = {"r1v3-38b": r1v3_38b, "tiny": tiny}
 def get_preset(name: str) -> ModelConfig:
     """Return a fresh ModelConfig for a preset name; unknown names list the known ones."""
     if name not in PRESETS:
-        from megatron_r1v3.config import ConfigError
-
         raise ConfigError(f"model.preset={name!r} is unknown; known presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]()
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Preset, then YAML, then `key=value` overrides; returns a typed RunConfig (not yet validated)."""
+    layers = [OmegaConf.load(str(path))] if path else []
+    layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+    merged_user = OmegaConf.merge(*layers)
+    preset = OmegaConf.select(merged_user, "model.preset", default="tiny")
+    base = OmegaConf.structured(RunConfig(model=get_preset(preset)))
+    try:
+        cfg = OmegaConf.merge(base, merged_user)
+    except Exception as exc:  # omegaconf names the key in its message
+        raise ConfigError(f"invalid config ({path or 'overrides'}): {exc}") from exc
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
