@@ -16,6 +16,7 @@ from megatron_r1v3.bridge.mapping import convert_layout
 from megatron_r1v3.config import ModelConfig
 from megatron_r1v3.data.tiling import TilingConfig, tile_image_pillow
 from megatron_r1v3.models.weights import load_model
+from megatron_r1v3.parallel.init import compute_device
 from megatron_r1v3.parallel.phase import set_phase
 from megatron_r1v3.training.step import forward_logits
 
@@ -70,17 +71,17 @@ def compare_hf(hf_dir: str, megatron_dir: str, tp: int = 1, pp: int = 1, image: 
     _, chunks = build_for_conversion(cfg)
     load_model(chunks, Path(megatron_dir) / "model")
     ids, pixels = build_inputs(model, Path(hf_dir), image, prompt)
-    vocab = model.language.vocab_size
-    ref = torch.empty(ids.shape[1], vocab)
+    vocab, device = model.language.vocab_size, compute_device()
+    ref = torch.empty(ids.shape[1], vocab, device=device)
     if dist.get_rank() == 0:
-        set_phase("compare-hf: transformers forward")
+        set_phase("compare-hf: transformers forward")  # on the host: the reference need not fit a GPU
         with torch.no_grad():
-            ref = load_transformers_model(hf_dir)(input_ids=ids, pixel_values=pixels).logits[0].float()
+            ref = load_transformers_model(hf_dir)(input_ids=ids, pixel_values=pixels).logits[0].float().to(device)
     dist.broadcast(ref, src=0)
     set_phase("compare-hf: megatron forward")
     batch = {"input_ids": ids, "pixel_values": pixels, "labels": ids, "loss_mask": torch.ones_like(ids)}
     logits = forward_logits(chunks, [batch], vocab)
-    diff = torch.zeros(1)
+    diff = torch.zeros(1, device=device)
     if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
         diff = (logits[0][0].float() - ref).abs().max().reshape(1)
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)

@@ -289,7 +289,9 @@ class RLConfig:
     refit_bucket_mb: int = 512
     kv_cache_mb: int = 256  # vLLM-CPU KV cache
     gpu_memory_utilization: float = 0.5  # vLLM on GPU (colocated: leave room for the trainer)
+    rollout_dtype: str = "auto"  # vLLM's weights/activations: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     max_prompt_tokens: int = 1024  # after image expansion; longer prompts are skipped and counted
+    pixel_cache_mb: int = 1024  # per process and prompt set: LRU cache of prompt tiles (held-out prompts, replays)
 
 
 @dataclass
@@ -365,6 +367,8 @@ def _rl_errors(r: RLConfig) -> list[str]:
         errors.append(f"rl.agg={r.agg!r} must be token-mean, seq-mean-token-mean or seq-mean-token-sum")
     if r.old_logprobs not in ("recompute", "rollout"):
         errors.append(f"rl.old_logprobs={r.old_logprobs!r} must be recompute or rollout")
+    if r.rollout_dtype not in ("auto", "fp32", "bf16"):
+        errors.append(f"rl.rollout_dtype={r.rollout_dtype!r} must be auto, fp32 or bf16")
     if r.prompts_per_step < 1 or r.samples_per_prompt < 2:
         errors.append(f"rl.prompts_per_step={r.prompts_per_step} must be >= 1 and rl.samples_per_prompt="
                       f"{r.samples_per_prompt} >= 2 (a group of one has no advantage)")

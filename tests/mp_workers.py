@@ -69,6 +69,8 @@ LAYOUTS = [
     ("pp2", ["parallel.pipeline=2"], "ckpt", "logits"),
     ("pp2_vpp2", ["parallel.pipeline=2", "parallel.virtual_pipeline=2"], "ckpt", "logits"),
     ("tp2_pp2", ["parallel.tensor=2", "parallel.pipeline=2"], "ckpt", "logits"),
+    ("tp2_sp", ["parallel.tensor=2", "parallel.sequence_parallel=true"], "ckpt", "logits"),
+    ("tp2_pp2_sp", ["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true"], "ckpt", "logits"),
     ("tp2_vit_padded", ["parallel.tensor=2", *TINY_VIT_PADDED, "model.vision.head_pad_multiple=2"],
      "ckpt_padded", "logits_3heads"),
 ]
@@ -125,9 +127,12 @@ def optimizer_step(workdir: str, overrides: list[str], tag: str, compare: bool) 
     opt = build_optimizer(ddp, cfg)
     batches = _batches(cfg, num=4)
     metrics = train_step(ddp, opt, batches[state.dp_rank :: state.dp])
+    metrics = {k: v for k, v in metrics.items() if k != "outputs"}
     if not compare:
         save_model(chunks, f"{workdir}/{tag}_after")
+        torch.save(metrics, f"{workdir}/{tag}_metrics.pt")
         return metrics
+    metrics["reference"] = torch.load(f"{workdir}/{tag}_metrics.pt")
     expected = build_model(cfg)
     load_model(expected, f"{workdir}/{tag}_after")
     diff = torch.tensor([0.0])
@@ -178,10 +183,13 @@ def reference_with_optimizer(workdir: str) -> dict:
 
 
 def four_rank_checks(workdir: str) -> dict:
-    """At world size 4: TP2·PP2 (DP1) logits parity, then one optimizer step at TP2·DP2 with SGD and with Adam
-    (distributed optimizer), and one Adam step at TP2·PP2 (pipelined backward + embedding-group grad sync)."""
+    """At world size 4: TP2·PP2 (DP1) logits parity, then one optimizer step at TP2·DP2 with SGD (also with sequence
+    parallel) and with Adam (distributed optimizer), and one Adam step at TP2·PP2 (pipelined backward +
+    embedding-group grad sync)."""
     out = parity(workdir, ["tp2_pp2"])
     out["sgd_tp2_dp2"] = optimizer_step(workdir, ["parallel.tensor=2", *SGD], "sgd", compare=True)
+    out["sgd_tp2_sp_dp2"] = optimizer_step(workdir, ["parallel.tensor=2", "parallel.sequence_parallel=true", *SGD],
+                                           "sgd", compare=True)
     out["adam_tp2_dp2"] = optimizer_step(workdir, ["parallel.tensor=2", *ADAM], "adam", compare=True)
     out["adam_tp2_pp2"] = optimizer_step(
         workdir, ["parallel.tensor=2", "parallel.pipeline=2", *ADAM], "adam", compare=True
@@ -210,3 +218,65 @@ def sharded_layout(megatron_dir: str, tp: int, pp: int) -> dict:
         elif isinstance(v, ShardedObject):
             objects.add(v.unique_key)
     return {"tensors": tensors, "objects": objects}
+
+
+def _rl_microbatches(cfg, state):
+    """A GRPO episode without vLLM: 4 rows (2 prompts x 2 responses) with image tokens, advantages and behaviour
+    logprobs, as `rl.batch.episode_microbatches` builds them for this DP rank."""
+    from megatron_r1v3.rl.batch import Rollout, episode_microbatches
+
+    g = torch.Generator().manual_seed(11)
+    m, n_img = cfg.model, 2 * cfg.model.tokens_per_tile
+    prompt = [m.image_start_token_id] + [m.image_context_token_id] * n_img + [m.image_end_token_id, 40, 41, 42]
+    pixels = {i: torch.randn(2, 3, m.vision.image_size, m.vision.image_size, generator=g) for i in range(2)}
+    rows = [Rollout(i // 2, prompt, torch.randint(50, 900, (5 + i,), generator=g).tolist(), [-2.0] * (5 + i),
+                    1.0, 1.0, 1.0, "stop", 1, advantage=(1.0, -0.5, 0.8, -0.2)[i]) for i in range(4)]
+    return episode_microbatches(rows, state, 2, m, pixels.__getitem__, 1)
+
+
+def bf16_vs_fp32_steps(workdir: str) -> dict:
+    """TP2·PP2 from one fp32 checkpoint: an SFT step (token loss) and a GRPO step (policy loss after the old-logprob
+    pass), each in fp32 and in bf16 (fp32 main params and grads in the distributed optimizer)."""
+    from megatron_r1v3.models.build import build_model
+    from megatron_r1v3.models.weights import load_model, save_model
+    from megatron_r1v3.rl.policy_loss import count_units, loss_function, write_logprobs
+    from megatron_r1v3.training.optimizer import build_optimizer, wrap_ddp
+    from megatron_r1v3.training.step import train_step
+
+    layout = ["parallel.tensor=2", "parallel.pipeline=2", "optimizer.lr=1e-3"]
+    cfg, _ = _setup(["precision.params_dtype=fp32", *layout])
+    save_model(build_model(cfg), f"{workdir}/bf16_init")
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        for kind in ("sft", "grpo"):
+            cfg, state = _setup([f"precision.params_dtype={dtype}", *layout])
+            chunks = build_model(cfg)
+            load_model(chunks, f"{workdir}/bf16_init")
+            ddp = wrap_ddp(chunks, cfg)
+            opt = build_optimizer(ddp, cfg)
+            if kind == "sft":
+                metrics = train_step(ddp, opt, _batches(cfg, num=2))
+            else:
+                mbs = _rl_microbatches(cfg, state)
+                write_logprobs(ddp, mbs, "old_logp")
+                metrics = train_step(ddp, opt, mbs, loss_function(cfg.rl, count_units(mbs, cfg.rl.agg), len(mbs)))
+            params = {n: p.detach().float().clone() for c in chunks for n, p in c.named_parameters()}
+            main_dtypes = {str(p.dtype) for o in getattr(opt, "chained_optimizers", [opt])
+                           for group in o.optimizer.param_groups for p in group["params"]}
+            out[f"{kind}_{dtype}"] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                                      "param_dtypes": sorted({str(p.dtype) for c in chunks for p in c.parameters()}),
+                                      "main_param_dtypes": sorted(main_dtypes), "params": params}
+    result = {}
+    for kind in ("sft", "grpo"):
+        a, b = out[f"{kind}_fp32"], out[f"{kind}_bf16"]
+        # beyond bf16's storage rounding (2^-8 relative): how far the bf16 step's weights are from fp32's
+        excess = max(float(((b["params"][n] - a["params"][n]).abs() - 2**-8 * a["params"][n].abs()).max())
+                     for n in a["params"])
+        result[kind] = {"loss_fp32": a["loss"], "loss_bf16": b["loss"], "grad_norm_fp32": a["grad_norm"],
+                        "grad_norm_bf16": b["grad_norm"], "param_excess": excess,
+                        "param_dtypes": b["param_dtypes"], "main_param_dtypes": b["main_param_dtypes"]}
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, result)
+    return gathered

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Refit speed and RL step overhead, measured in one run on this machine (issue 5). Needs vLLM (the vLLM venv).
 
-1. Refit ratio, a decoder of a few hundred MB (fp32) trained at TP2·PP2 (4 gloo processes), engine on rank 0:
+1. Refit ratio, a decoder of a few hundred MB (fp32 on CPU) trained at TP2·PP2 (4 gloo processes), engine on rank 0:
      refit    = wall time of `rollout.refit.push_weights` (the HF-named stream to rank 0 through the mapping table,
                 manifest check, vLLM `reload_weights` bucket by bucket, cache reset), for both transports of
                 `bridge.export`: shared memory (the default on one host) and point-to-point (gloo gather + send);
@@ -33,11 +33,12 @@ def refit_worker(workdir: str, repeats: int, bucket_mb: int) -> dict:
 
     from megatron_r1v3.bridge.export import iter_hf_tensors
     from megatron_r1v3.bridge.mapping import expected_hf_names
+    from megatron_r1v3.config import torch_dtype
     from megatron_r1v3.data.tokenizer import toy_tokenizer
     from megatron_r1v3.models.build import build_model
     from megatron_r1v3.parallel import init_parallel
     from megatron_r1v3.presets import load_config
-    from megatron_r1v3.rollout.engine import RolloutEngine
+    from megatron_r1v3.rollout.engine import RolloutEngine, rollout_dtype
     from megatron_r1v3.rollout.hf_export import write_vllm_model_dir
     from megatron_r1v3.rollout.refit import push_weights
 
@@ -49,8 +50,9 @@ def refit_worker(workdir: str, repeats: int, bucket_mb: int) -> dict:
     engine = None
     if rank == 0:
         tok = toy_tokenizer(f"{workdir}/tok")
-        model_dir = write_vllm_model_dir(f"{workdir}/vllm", cfg.model, tok, torch.float32, seed=1, max_tiles=4)
-        engine = RolloutEngine(model_dir, max_model_len=256, kv_cache_bytes=64 * 2**20)
+        dtype = rollout_dtype(cfg.rl.rollout_dtype)  # auto: fp32 on CPU, bf16 on GPU
+        model_dir = write_vllm_model_dir(f"{workdir}/vllm", cfg.model, tok, torch_dtype(dtype), seed=1, max_tiles=4)
+        engine = RolloutEngine(model_dir, max_model_len=256, kv_cache_bytes=64 * 2**20, dtype=dtype)
     dist.barrier()
     times, loads, stats = {}, {}, None
     for transport in ("shm", "p2p"):
@@ -82,7 +84,7 @@ def refit_worker(workdir: str, repeats: int, bucket_mb: int) -> dict:
         out = {"refit_s": {k: statistics.median(v) for k, v in times.items()},
                "load_s": {k: statistics.median(v) for k, v in loads.items()}, "copy_s": statistics.median(copies),
                "clone_s": statistics.median(clones), "bytes": stats.bytes, "tensors": stats.tensors,
-               "buckets": stats.buckets}
+               "buckets": stats.buckets, "dtype": str(full[0][1].dtype).replace("torch.", "")}
         engine.close()
     dist.barrier()
     return out
@@ -117,7 +119,7 @@ def main() -> None:
         rl = run_distributed("tools.bench_refit:rl_worker", 2, timeout_s=900, env=ENV, workdir=wd,
                              steps=args.rl_steps)[0]
     mb = r["bytes"] / 2**20
-    print(f"refit: {r['tensors']} tensors, {mb:.0f} MiB fp32 at TP2·PP2, {r['buckets']} buckets of <= "
+    print(f"refit: {r['tensors']} tensors, {mb:.0f} MiB {r['dtype']} at TP2·PP2, {r['buckets']} buckets of <= "
           f"{args.bucket_mb} MiB")
     print(f"  one in-memory copy: into preallocated tensors (copy_) {r['copy_s']:.3f} s; allocating (clone) "
           f"{r['clone_s']:.3f} s")

@@ -2,19 +2,23 @@
 """FP8 vs BF16 throughput of R1V3-38B's GEMMs and of one megatron-core decoder layer, on one GPU.
 
 For every GEMM of the model (ViT qkv/proj/fc1/fc2, connector fc1/fc2, decoder qkv/proj/fc1/fc2) at TP 1/2/4/8 (the
-per-rank shard shapes), for `--tokens` rows: BF16 and FP8 TFLOP/s and MFU against the device's dense peak. FP8 goes
-through Transformer Engine (`te.Linear` under `fp8_autocast`) when it imports, else `torch._scaled_mm` with
-per-tensor scales (E4M3 inputs, BF16 output); the table says which. Then a whole megatron-core decoder layer
-(forward + backward, BF16, and FP8 where TE is present). Refuses clearly without a CUDA GPU.
+per-rank shard shapes), for `--tokens` rows: BF16 and FP8 TFLOP/s and MFU against the device's dense peak. Both
+precisions go through the same module: Transformer Engine's `te.Linear` (FP8 = the same layer under `fp8_autocast`)
+when TE imports, else `torch.mm` vs `torch._scaled_mm` with per-tensor scales (E4M3 inputs, BF16 output); the table
+says which. Then a whole megatron-core decoder layer (forward + backward, BF16, and FP8 where TE is present; without
+Apex megatron's fused softmax is off, see `models.specs.fusion_flags`). Each row is printed as it is measured.
+Refuses clearly without a CUDA GPU.
 
-    python tools/fp8_bench.py [--tokens 8192] [--tp 1 2 4 8] [--layer-seq 4096] [--markdown out.md]
+    python tools/fp8_bench.py [--tokens 8192] [--tp 1 2 4 8] [--layer-seq 4096] [--markdown out.md] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,25 +77,55 @@ def _te():
         return None
 
 
+def _te_recipe():
+    from transformer_engine.common.recipe import DelayedScaling, Format
+
+    return DelayedScaling(fp8_format=Format.HYBRID, amax_history_len=16, amax_compute_algo="max")
+
+
+def gemm_fns(g: Gemm, m: int, te, device: str = "cuda") -> tuple[Callable[[], object], Callable[[], object]]:
+    """(bf16, fp8) callables computing y = x @ w.T for one GEMM through the same module type: one `te.Linear`
+    (FP8 = that layer under `fp8_autocast`) with TE, else `torch.mm` vs `torch._scaled_mm` (per-tensor scales 1)."""
+    x = torch.randn(m, g.k, device=device, dtype=torch.bfloat16)
+    if te is not None:
+        layer = te.Linear(g.k, g.n, bias=False, params_dtype=torch.bfloat16, device=device)
+        recipe = _te_recipe()
+
+        @torch.no_grad()
+        def bf16():
+            return layer(x)
+
+        @torch.no_grad()
+        def fp8():
+            with te.fp8_autocast(enabled=True, fp8_recipe=recipe):
+                return layer(x)
+
+        return bf16, fp8
+    w = torch.randn(g.n, g.k, device=device, dtype=torch.bfloat16)
+    x8, w8 = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+    one = torch.ones((), device=device)
+    return (lambda: torch.mm(x, w.t()),
+            lambda: torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+
+
 def bench_gemm(g: Gemm, m: int, te) -> tuple[float, float]:
     """(bf16 seconds, fp8 seconds) for one GEMM."""
-    x = torch.randn(m, g.k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(g.n, g.k, device="cuda", dtype=torch.bfloat16)
-    bf16 = _time(lambda: x @ w.t())
-    if te is not None:
-        from transformer_engine.common.recipe import DelayedScaling, Format
+    bf16, fp8 = gemm_fns(g, m, te)
+    return _time(bf16), _time(fp8)
 
-        layer = te.Linear(g.k, g.n, bias=False, params_dtype=torch.bfloat16, device="cuda")
-        recipe = DelayedScaling(fp8_format=Format.HYBRID, amax_history_len=16, amax_compute_algo="max")
 
-        def run():
-            with te.fp8_autocast(enabled=True, fp8_recipe=recipe):
-                layer(x)
+def gemm_row(tp: int, g: Gemm, m: int, bf16_s: float, fp8_s: float, peak: dict[str, float]) -> dict:
+    """One table row as numbers (what `--json` writes)."""
+    flops = 2 * m * g.k * g.n
+    tb, tf = flops / bf16_s / 1e12, flops / fp8_s / 1e12
+    return {"tp": tp, "gemm": g.name, "m": m, "k": g.k, "n": g.n, "bf16_s": bf16_s, "fp8_s": fp8_s,
+            "bf16_tflops": tb, "bf16_mfu": tb / peak["bf16"], "fp8_tflops": tf, "fp8_mfu": tf / peak["fp8"],
+            "fp8_speedup": bf16_s / fp8_s}
 
-        return bf16, _time(run)
-    x8, w8 = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
-    one = torch.ones((), device="cuda")
-    return bf16, _time(lambda: torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+
+def format_gemm_row(r: dict) -> str:
+    return (f"| {r['tp']} | {r['gemm']} | {r['k']} | {r['n']} | {r['bf16_tflops']:.0f} | {r['bf16_mfu']:.0%} | "
+            f"{r['fp8_tflops']:.0f} | {r['fp8_mfu']:.0%} | {r['fp8_speedup']:.2f}x |")
 
 
 def bench_decoder_layer(seq: int, micro_batch: int, fp8: bool) -> float | None:
@@ -105,7 +139,7 @@ def bench_decoder_layer(seq: int, micro_batch: int, fp8: bool) -> float | None:
         from megatron_r1v3.parallel.layout import ParallelLayout
         from megatron_r1v3.presets import r1v3_38b
     except Exception as exc:
-        print(f"decoder layer: skipped (megatron_r1v3 / megatron-core not importable: {exc})")
+        print(f"decoder layer: skipped (megatron_r1v3 / megatron-core not importable: {exc})", flush=True)
         return None
     import os
 
@@ -160,6 +194,7 @@ def main() -> int:
     ap.add_argument("--layer-seq", type=int, default=4096)
     ap.add_argument("--layer-micro-batch", type=int, default=1)
     ap.add_argument("--markdown", default=None, help="also write the table to this file")
+    ap.add_argument("--json", default=None, help="also write the measurements as JSON to this file")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("fp8_bench: refusing to run: no CUDA GPU is visible (FP8 GEMMs need an H100/H200-class GPU; on CPU "
@@ -173,36 +208,59 @@ def main() -> int:
         return 2
     te = _te()
     peak = PEAKS["H200" if "H200" in name else "H100"]
-    lines = [f"device: {name}, torch {torch.__version__}, FP8 via "
-             f"{'Transformer Engine ' + te.__version__ if te else 'torch._scaled_mm (per-tensor scales)'}",
-             f"M = {args.tokens} tokens per GEMM; MFU vs dense peaks BF16 {peak['bf16']} / FP8 {peak['fp8']} TFLOP/s",
-             "", "| TP | GEMM | K | N | BF16 TFLOP/s | BF16 MFU | FP8 TFLOP/s | FP8 MFU | FP8/BF16 |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    backend = ("Transformer Engine " + te.__version__ + " (te.Linear for BF16 and FP8)" if te else
+               "torch._scaled_mm (per-tensor scales) vs torch.mm")
+    lines: list[str] = []
+
+    def emit(line: str = "") -> None:  # print as measured (a long run shows progress), keep for --markdown
+        lines.append(line)
+        print(line, flush=True)
+
+    emit(f"device: {name}, torch {torch.__version__}, FP8 via {backend}")
+    emit(f"M = {args.tokens} tokens per GEMM; MFU vs dense peaks BF16 {peak['bf16']} / FP8 {peak['fp8']} TFLOP/s")
+    emit()
+    emit("| TP | GEMM | K | N | BF16 TFLOP/s | BF16 MFU | FP8 TFLOP/s | FP8 MFU | FP8/BF16 |")
+    emit("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    result = {"device": name, "torch": torch.__version__, "fp8_backend": backend, "tokens": args.tokens,
+              "peak_tflops": peak, "gemms": [], "decoder_layer": []}
     for tp in args.tp:
         for g in r1v3_gemms(tp):
-            b, f = bench_gemm(g, args.tokens, te)
-            flops = 2 * args.tokens * g.k * g.n
-            tb, tf = flops / b / 1e12, flops / f / 1e12
-            lines.append(f"| {tp} | {g.name} | {g.k} | {g.n} | {tb:.0f} | {tb / peak['bf16']:.0%} | {tf:.0f} | "
-                         f"{tf / peak['fp8']:.0%} | {b / f:.2f}x |")
+            row = gemm_row(tp, g, args.tokens, *bench_gemm(g, args.tokens, te), peak)
+            result["gemms"].append(row)
+            emit(format_gemm_row(row))
     flops = decoder_layer_flops(args.layer_seq, args.layer_micro_batch)
-    lines.append("")
+    emit()
+    rc = 0
     for fp8 in (False, True):
+        kind = "FP8" if fp8 else "BF16"
+        entry = {"kind": kind, "seq": args.layer_seq, "micro_batch": args.layer_micro_batch}
+        result["decoder_layer"].append(entry)
         if fp8 and te is None:
-            lines.append("decoder layer FP8: needs Transformer Engine (not installed)")
+            entry["skipped"] = "needs Transformer Engine"
+            emit("decoder layer FP8: needs Transformer Engine (not installed)")
             continue
-        sec = bench_decoder_layer(args.layer_seq, args.layer_micro_batch, fp8)
-        if sec is not None:
-            kind = "FP8" if fp8 else "BF16"
-            tflops = flops / sec / 1e12
-            lines.append(f"decoder layer {kind} fwd+bwd (seq {args.layer_seq}, mb {args.layer_micro_batch}): "
-                         f"{sec * 1e3:.1f} ms, {tflops:.0f} TFLOP/s, MFU {tflops / peak['bf16']:.0%} of BF16 peak")
-    text = "\n".join(lines)
-    print(text)
+        try:
+            sec = bench_decoder_layer(args.layer_seq, args.layer_micro_batch, fp8)
+        except Exception as exc:  # keep the GEMM table (and the files) when the layer fails, e.g. out of memory
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            emit(f"decoder layer {kind}: failed ({entry['error']})")
+            rc = 1
+            continue
+        if sec is None:
+            entry["skipped"] = "megatron_r1v3 / megatron-core not importable"
+            continue
+        tflops = flops / sec / 1e12
+        entry.update(ms=sec * 1e3, tflops=tflops, mfu_of_bf16_peak=tflops / peak["bf16"])
+        emit(f"decoder layer {kind} fwd+bwd (seq {args.layer_seq}, mb {args.layer_micro_batch}): "
+             f"{sec * 1e3:.1f} ms, {tflops:.0f} TFLOP/s, MFU {tflops / peak['bf16']:.0%} of BF16 peak")
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(text + "\n")
-    return 0
+            f.write("\n".join(lines) + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+    return rc
 
 
 if __name__ == "__main__":

@@ -292,6 +292,7 @@ RULES: tuple[Rule, ...] = (
     Rule((_V + "mlp.fc2.bias",), _vit([_VH_R + "mlp.fc2.bias"], [_VH_N + "mlp.fc2.bias"]), _vit_vec, FIRST,
          linear=True),
     # --- connector (mlp1) ---
+    # local LayerNorm name, then the TE name (norm fused into linear_fc1), which is the checkpoint key of both specs
     Rule(("mlp1.layer_norm.weight", "mlp1.linear_fc1.layer_norm_weight"),
          {"remote": ("mlp1.0.weight",), "native": (_CONN_NATIVE + "layer_norm.weight",)},
          lambda m: (_connector_in(m),), FIRST),

@@ -8,11 +8,15 @@ layout; TP only has to divide the padded sizes.
 
 megatron-core's conventions reproduced here (tests/test_conversion.py compares them with the real model's
 `sharded_state_dict()` at TP2·PP2):
+- one key set whatever the layer spec: a parameter's key is its Transformer Engine name (the rule's last alias) —
+  megatron's local decoder layers map their norms to it, the connector its LayerNorm (`models/connector.py`);
 - decoder layers are stacked: key without the layer index, a leading axis of `num_layers`, one chunk per layer;
-  the decoder's layer norms use the Transformer Engine names (local and TE specs write the same keys);
-- ViT and connector keys are the module paths (ViT layers keep their index);
+- other keys are the module paths (ViT layers keep their index);
 - every Column/RowParallelLinear but the output layer (GPTModel drops that one) has an `_extra_state` object
   (`None` for local layers), key `<module>._extra_state/shard_<offset>_<shape>` over the stacked-layer axis.
+  Written as the local spec has them: a TE model's extra `_extra_state` objects (its final RMSNorm's, and core
+  attention's where megatron saves it) are absent, which `models/weights.load_model` loads as `None` (TE: keep
+  the fresh FP8 metadata), the same as the `None` written here for the linears.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ def _stacked(template: str, rule: Rule, layer: int | None, model: ModelConfig) -
 
 
 def _key(rule: Rule) -> str:
-    # decoder layer norms: megatron's local spec maps them to the TE names (sharded_state_dict_keys_map)
-    return rule.megatron[-1] if rule.stage == DECODER else rule.megatron[0]
+    """The checkpoint key (before stacking): the TE-spec name, which is the last alias (the only name when the
+    specs agree)."""
+    return rule.megatron[-1]
 
 
 def chunks(model: ModelConfig) -> Iterator[Chunk]:

@@ -12,7 +12,7 @@ from megatron.core import parallel_state as ps
 from megatron_r1v3.config import RunConfig
 from megatron_r1v3.models.specs import (
     connector_config,
-    decoder_layer_spec,
+    decoder_block_spec,
     language_config,
     use_transformer_engine,
     vision_config,
@@ -39,7 +39,7 @@ def build_model(cfg: RunConfig, meta: bool = False, init: bool = True) -> list[R
         vit_cfg = dataclasses.replace(vit_cfg, perform_initialization=False,
                                       use_cpu_initialization=meta or vit_cfg.use_cpu_initialization)
     conn_cfg = connector_config(cfg, lm_cfg)
-    spec, use_te = decoder_layer_spec(cfg), use_transformer_engine(cfg)
+    use_te = use_transformer_engine(cfg)
     vocab = cfg.model.language.padded_vocab_size
     vpp = layout.vpp
     chunks = []
@@ -48,7 +48,7 @@ def build_model(cfg: RunConfig, meta: bool = False, init: bool = True) -> list[R
             vp_stage = i if vpp else None
             chunks.append(
                 R1V3Model(
-                    cfg.model, lm_cfg, vit_cfg, conn_cfg, spec, vocab,
+                    cfg.model, lm_cfg, vit_cfg, conn_cfg, decoder_block_spec(cfg, lm_cfg, vp_stage), vocab,
                     pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                     post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                     vp_stage=vp_stage,

@@ -2,6 +2,10 @@
 
 With Transformer Engine the LayerNorm is fused into the first linear (`TELayerNormColumnParallelLinear`) and both
 GEMMs run under the FP8 recipe of the config; otherwise megatron-core's local column/row-parallel linears.
+
+One checkpoint key set whatever the spec: the local LayerNorm saves and loads under the TE names
+(`linear_fc1.layer_norm_weight/bias`), as megatron's local decoder layers do for their norms
+(`sharded_state_dict_keys_map`); module attribute and parameter names stay spec-specific.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.dist_checkpointing.utils import apply_prefix_mapping
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -22,6 +28,11 @@ def pixel_shuffle(x: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
     x = x.permute(0, 2, 1, 3).contiguous()
     x = x.reshape(n, int(h * scale), int(w * scale), int(c / (scale * scale)))
     return x.permute(0, 2, 1, 3).contiguous()
+
+
+# local-spec module prefix -> checkpoint key prefix (the TE spec's, where the norm lives inside linear_fc1);
+# bridge/mapping.py spells the resulting full names (local name first, TE alias after)
+SHARDED_KEYS_MAP = {"layer_norm.": "linear_fc1.layer_norm_"}
 
 
 class Connector(MegatronModule):
@@ -36,7 +47,7 @@ class Connector(MegatronModule):
             config=config, init_method=config.output_layer_init_method, bias=True, input_is_parallel=True,
             skip_bias_add=False,
         )
-        if use_te:
+        if use_te:  # GPU only: TE's layers need CUDA (and TE, which does not install on the CPU machines)
             from megatron.core.extensions.transformer_engine import (
                 TELayerNormColumnParallelLinear,
                 TERowParallelLinear,
@@ -51,6 +62,15 @@ class Connector(MegatronModule):
             self.layer_norm = torch.nn.LayerNorm(in_dim, eps=config.layernorm_epsilon, dtype=config.params_dtype)
             self.linear_fc1 = tensor_parallel.ColumnParallelLinear(in_dim, lm_hidden, **col_kwargs)
             self.linear_fc2 = tensor_parallel.RowParallelLinear(lm_hidden, lm_hidden, **row_kwargs)
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> ShardedStateDict:
+        """megatron's default (every submodule), with the local LayerNorm's keys renamed to the TE spec's."""
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.layer_norm is not None:
+            apply_prefix_mapping(sharded, {prefix + old: prefix + new for old, new in SHARDED_KEYS_MAP.items()})
+        return sharded
 
     def _fp8_context(self):
         if not (self.use_te and self.config.fp8):

@@ -17,19 +17,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint, sharded_state_dict_default
 
 from megatron_r1v3.config import VisionConfig
-
-
-class RMSNorm(torch.nn.Module):
-    """InternViT's RMSNorm: statistics in fp32, weight applied in the input dtype."""
-
-    def __init__(self, hidden: int, eps: float):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(hidden))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
+from megatron_r1v3.models.norm import RMSNorm
 
 
 def _all_reduce_tp(x: torch.Tensor) -> torch.Tensor:

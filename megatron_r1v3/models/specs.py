@@ -4,6 +4,7 @@ The parallel degrees come from the run's `ParallelLayout` (the one object that d
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_r1v3.config import ConfigError, RunConfig, torch_dtype
+from megatron_r1v3.models.norm import SpecRMSNorm
 from megatron_r1v3.parallel import te_available
 from megatron_r1v3.parallel.layout import ParallelLayout
 
@@ -33,6 +35,32 @@ def params_dtype(cfg: RunConfig) -> torch.dtype:
     return torch_dtype(name)
 
 
+# What megatron-core's fusions import when they run (megatron/core/fusions): the masked softmax calls Apex's compiled
+# extensions (`fused_softmax.py`, imported inside the kernels and `get_batch_per_block`); bias+activation and
+# bias+dropout+add are plain torch functions under `megatron.core.jit.jit_fuser` = torch.compile, whose GPU kernels
+# are Triton's.
+FUSION_MODULES = {
+    "masked_softmax_fusion": ("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda",
+                              "scaled_softmax_cuda"),
+    "bias_activation_fusion": ("triton",),
+    "bias_dropout_fusion": ("triton",),
+}
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except Exception:  # ImportError, or a build that fails to load (CUDA/ABI mismatch)
+        return False
+    return True
+
+
+def fusion_flags(on_gpu: bool) -> dict[str, bool]:
+    """megatron-core's fusion switches: on only on GPU (CPU runs unfused, as the CPU tests expect), and there only
+    when the kernels each needs import, so a bare torch + megatron-core GPU box (no Apex) runs unfused softmax."""
+    return {flag: on_gpu and all(_importable(m) for m in modules) for flag, modules in FUSION_MODULES.items()}
+
+
 def _common(cfg: RunConfig, layout: ParallelLayout) -> dict:
     prec = cfg.precision
     dtype = params_dtype(cfg)
@@ -51,9 +79,7 @@ def _common(cfg: RunConfig, layout: ParallelLayout) -> dict:
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
-        masked_softmax_fusion=on_gpu,
-        bias_activation_fusion=on_gpu,
-        bias_dropout_fusion=on_gpu,
+        **fusion_flags(on_gpu),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,
@@ -101,7 +127,9 @@ def vision_config(cfg: RunConfig, layout: ParallelLayout) -> TransformerConfig:
     common = _common(cfg, layout)
     for key in ("fp8", "fp8_recipe", "fp8_margin", "fp8_amax_history_len", "fp8_amax_compute_algo"):
         common.pop(key, None)  # the ViT runs in BF16: FP8 covers connector and decoder
-    common.update(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None)
+    # Sequence parallelism is the decoder's alone: the ViT's activations are batch-first [tiles, tokens, hidden]
+    # (megatron's SP gathers/scatters dim 0) and every TP rank needs all tiles' tokens for the splice.
+    common.update(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None, sequence_parallel=False)
     return TransformerConfig(
         num_layers=v.num_layers,
         hidden_size=v.hidden_size,
@@ -115,20 +143,36 @@ def vision_config(cfg: RunConfig, layout: ParallelLayout) -> TransformerConfig:
 
 
 def connector_config(cfg: RunConfig, lm_config: TransformerConfig) -> TransformerConfig:
-    """The decoder's config with the connector's LayerNorm (eps from model.connector)."""
+    """The decoder's config with the connector's LayerNorm (eps from model.connector). No sequence parallelism:
+    the connector maps each tile's tokens (batch-first) before they are spliced into the decoder's sequence."""
     return dataclasses.replace(
         lm_config, normalization="LayerNorm", layernorm_epsilon=cfg.model.connector.norm_eps, num_layers=1,
         num_layers_in_first_pipeline_stage=None, pipeline_model_parallel_size=1,
-        virtual_pipeline_model_parallel_size=None,
+        virtual_pipeline_model_parallel_size=None, sequence_parallel=False,
     )
 
 
 def decoder_layer_spec(cfg: RunConfig) -> ModuleSpec:
-    """TE layer spec (fused norms, FP8-capable GEMMs) when TE is used, megatron-core local spec otherwise."""
+    """TE layer spec (fused norms, FP8-capable GEMMs) when TE is used, else megatron-core's local spec with our
+    RMSNorm (megatron's torch-norm wrapper refuses sequence parallelism; `models/norm.py`)."""
     if use_transformer_engine(cfg):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    norms = dict(input_layernorm=SpecRMSNorm, pre_mlp_layernorm=SpecRMSNorm)
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **norms))
+
+
+def decoder_block_spec(cfg: RunConfig, lm_config: TransformerConfig, vp_stage: int | None):
+    """What GPTModel builds its decoder from: the TE layer spec as is (TE's final norm), or with the local spec the
+    block's layers plus our RMSNorm as the final norm (megatron would pick its torch-norm wrapper there)."""
+    spec = decoder_layer_spec(cfg)
+    if use_transformer_engine(cfg):
+        return spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layers = get_num_layers_to_build(lm_config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=SpecRMSNorm)

@@ -15,7 +15,6 @@ from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_r1v3.config import ModelConfig
@@ -56,7 +55,7 @@ class R1V3Model(MegatronModule):
         lm_config: TransformerConfig,
         vit_config: TransformerConfig,
         conn_config: TransformerConfig,
-        layer_spec: ModuleSpec,
+        decoder_spec,
         padded_vocab: int,
         pre_process: bool,
         post_process: bool,
@@ -70,7 +69,7 @@ class R1V3Model(MegatronModule):
         lm = model_cfg.language
         self.language_model = GPTModel(
             config=lm_config,
-            transformer_layer_spec=layer_spec,
+            transformer_layer_spec=decoder_spec,  # a layer spec (TE) or block submodules (local)
             vocab_size=padded_vocab,
             max_sequence_length=lm.max_position_embeddings,
             pre_process=pre_process,

@@ -32,8 +32,8 @@ def setup_process() -> bool:
     return apply_cpu_shim()
 
 
-_INIT_NAMES = ("ParallelState", "current_layout", "destroy_parallel", "init_parallel", "set_model_parallel",
-               "te_available")
+_INIT_NAMES = ("ParallelState", "compute_device", "current_layout", "destroy_parallel", "init_parallel",
+               "set_model_parallel", "te_available")
 
 
 def __getattr__(name: str):

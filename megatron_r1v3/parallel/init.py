@@ -71,6 +71,12 @@ class ParallelState:
         return self.pp_rank == self.pp - 1
 
 
+def compute_device() -> torch.device:
+    """Where this rank computes: its CUDA device (set by `init_parallel`), or the CPU. Tensors handed to
+    collectives are created here (NCCL refuses host tensors)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def _backend(requested: str) -> str:
     if requested != "auto":
         return requested
@@ -116,11 +122,10 @@ def set_model_parallel(cfg: RunConfig, env: LaunchEnv | None = None, backend: st
     model_parallel_cuda_manual_seed(cfg.seed, force_reset_rng=True)
     torch.manual_seed(cfg.seed)
     env = env or LaunchEnv(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0)), "", 0, "existing")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return ParallelState(
         env=env,
         backend=backend or dist.get_backend(),
-        device=device,
+        device=compute_device(),
         layout=layout,
         tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),

@@ -77,9 +77,9 @@ class ParallelLayout:
             return errors
         errors += self._tensor_problems(model)
         errors += self._pipeline_problems(model)
-        if (self.sequence_parallel or self.cp > 1) and not te_available:
-            errors.append(f"parallel.sequence_parallel={self.sequence_parallel} / parallel.context={self.cp} need"
-                          " Transformer Engine attention and norms, which are not importable here")
+        if self.cp > 1 and not te_available:  # megatron's local attention has no context parallelism
+            errors.append(f"parallel.context={self.cp} needs Transformer Engine attention, which is not importable"
+                          " here")
         if self.vpp and num_microbatches is not None and (num_microbatches < self.pp or num_microbatches % self.pp):
             errors.append(f"parallel.virtual_pipeline={self.vpp}: the interleaved schedule needs the number of"
                           f" microbatches ({num_microbatches}) to be a multiple of parallel.pipeline={self.pp}")

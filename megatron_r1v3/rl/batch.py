@@ -7,8 +7,9 @@ shifted left by one, and at position t (which predicts token t+1):
   `old_logp`  the behaviour policy's logprob of token t+1 (the rollout engine's, or recomputed by the trainer);
   `rollout_logp` the engine's logprob (for the train-vs-rollout probability error);
   `critical`  1 where token t+1 starts a critical word (spec §4).
-`adv [b]` holds each row's advantage, `fresh [b]` marks this episode's rows (not replayed). Pixels: the tiles of
-every image of every row, in row order (the model splices them at the `<IMG_CONTEXT>` tokens in that order).
+`adv [b]` holds each row's advantage, `fresh [b]` marks this episode's rows (not replayed). Pixels (first pipeline
+stage only): the tiles of every image of every row, in row order (the model splices them at the `<IMG_CONTEXT>`
+tokens in that order).
 Rows added to fill the last microbatch have an all-zero mask.
 """
 
@@ -19,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from megatron_r1v3.config import ModelConfig
 
 
 @dataclass
@@ -55,14 +58,30 @@ def sequence_length(rollouts: Sequence[Rollout], multiple: int = 8) -> int:
     return -(-longest // multiple) * multiple
 
 
-def episode_microbatches(rows: Sequence[Rollout], state, micro_batch_size: int, pad_id: int,
+def episode_tiles(rows: Sequence[Rollout | None], pixels_of: Callable[[int], torch.Tensor | None],
+                  model: ModelConfig) -> dict[int, torch.Tensor | None]:
+    """The tiles of every prompt `rows` reference, tiled once (a prompt's G rows share them), each row checked
+    against the engine's image token count."""
+    tiles: dict[int, torch.Tensor | None] = {}
+    for r in rows:
+        if r is None:
+            continue
+        if r.prompt_index not in tiles:
+            tiles[r.prompt_index] = pixels_of(r.prompt_index)
+        check_image_tokens(r, tiles[r.prompt_index], model.image_context_token_id, model.tokens_per_tile)
+    return tiles
+
+
+def episode_microbatches(rows: Sequence[Rollout], state, micro_batch_size: int, model: ModelConfig,
                          pixels_of: Callable[[int], torch.Tensor | None], step: int) -> list[dict]:
     """This DP rank's microbatches of an episode's rows, padded to one length that the layout accepts (a multiple
-    of 8 and of `ParallelLayout.seq_multiple`)."""
+    of 8 and of `ParallelLayout.seq_multiple`). Only the first pipeline stage feeds pixels to the model, so only
+    its ranks tile (their own rows' prompts, once each); the other stages' microbatches carry no `pixel_values`."""
     mine, n_micro = shard_rows(rows, state.dp_rank, state.dp, micro_batch_size)
     seq = sequence_length(rows, math.lcm(8, state.layout.seq_multiple))
-    return [microbatch(mine[i * micro_batch_size:(i + 1) * micro_batch_size], seq, pad_id, pixels_of, step)
-            for i in range(n_micro)]
+    tiles = episode_tiles(mine, pixels_of, model) if state.is_first_stage else {}
+    return [microbatch(mine[i * micro_batch_size:(i + 1) * micro_batch_size], seq, model.pad_token_id, tiles.get,
+                       step) for i in range(n_micro)]
 
 
 def microbatch(

@@ -43,7 +43,7 @@ def evaluate_checkpoints(cfg: RunConfig, paths: list[Path], out_dir: Path) -> li
         raise ValueError("evaluation needs held-out data: set data.val (or use the toy task)")
     pixels = PixelSource(cfg, load_prompts(sources.val, sources.root, cfg.data.strict), sources.tokenizer)
     chunks = build_model(cfg, init=False)
-    worker = start_rollouts(cfg, sources.tokenizer_dir, sources.tokenizer, out_dir / "vllm_model", state.rank)
+    worker = start_rollouts(cfg, sources.tokenizer_dir, sources.tokenizer, out_dir / "vllm_model")
     results = []
     for path in paths:
         load_initial_weights(chunks, str(path))

@@ -11,10 +11,10 @@ import json
 from functools import partial
 from pathlib import Path
 
-import torch.distributed as dist
-
 from megatron_r1v3.config import RunConfig
-from megatron_r1v3.rl.batch import episode_microbatches
+from megatron_r1v3.parallel.phase import set_phase
+from megatron_r1v3.parallel.wait import compute_on_rank
+from megatron_r1v3.rl.batch import Rollout, episode_microbatches
 from megatron_r1v3.rl.policy_loss import policy_loss, reduce_metrics
 from megatron_r1v3.rl.rollouts import PixelSource, RolloutWorker, longest_response, sampling_seeds
 from megatron_r1v3.training.step import run_schedule
@@ -22,40 +22,40 @@ from megatron_r1v3.training.step import run_schedule
 EVAL_SEED_STEP = -1  # sampling_seeds(step=-1): fixed across evaluations
 
 
-def broadcast_object(obj, src: int = 0):
-    """`obj` from global rank `src` on every rank (pickled)."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def teacher_forced_metrics(chunks, cfg: RunConfig, rows, pixels: PixelSource, state, step: int) -> dict[str, float]:
     """Token entropy and critical-token entropy of `rows` under the Megatron model (forward only)."""
-    mbs = episode_microbatches(rows, state, cfg.train.micro_batch_size, cfg.model.pad_token_id, pixels, step)
+    mbs = episode_microbatches(rows, state, cfg.train.micro_batch_size, cfg.model, pixels, step)
     outputs = run_schedule(chunks, mbs, partial(policy_loss, cfg.rl, 0.0), forward_only=True)
     return reduce_metrics(outputs)
 
 
+def sample_heldout(cfg: RunConfig, worker: RolloutWorker, pixels: PixelSource, step: int,
+                   out_dir: Path | None) -> list[list[Rollout]]:
+    """Rank 0: `rl.eval_samples` scored responses for each of the first `rl.eval_prompts` held-out prompts; writes
+    per-item JSONL under `out_dir`."""
+    r = cfg.rl
+    n = min(r.eval_prompts, len(pixels.samples))
+    prompts = [pixels.prompt(i) for i in range(n)]
+    seeds = sampling_seeds(cfg.seed, EVAL_SEED_STEP, 0, range(n), r.eval_samples)
+    groups = worker.sample(prompts, r.eval_samples, longest_response(cfg), r.eval_temperature, seeds, step)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / f"step_{step:06d}.jsonl", "w") as f:
+            for p, g in zip(prompts, groups):
+                f.write(json.dumps({"id": p.id, "question": p.question, "answer": p.answer,
+                                    "responses": [x.text for x in g], "correct": [x.accuracy for x in g],
+                                    "well_formed": [x.format for x in g]}) + "\n")
+    return groups
+
+
 def evaluate_heldout(chunks, cfg: RunConfig, worker: RolloutWorker | None, pixels: PixelSource, state, step: int,
                      out_dir: Path | None = None) -> dict[str, float]:
-    """Collective. Rank 0 samples `rl.eval_samples` responses for the first `rl.eval_prompts` held-out prompts;
-    every rank joins the teacher-forced entropy pass. Writes per-item JSONL under `out_dir` (rank 0)."""
-    r = cfg.rl
-    groups = None
-    if worker is not None:
-        n = min(r.eval_prompts, len(pixels.samples))
-        prompts = [pixels.prompt(i) for i in range(n)]
-        seeds = sampling_seeds(cfg.seed, EVAL_SEED_STEP, 0, range(n), r.eval_samples)
-        groups = worker.sample(prompts, r.eval_samples, longest_response(cfg), r.eval_temperature, seeds, step)
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            with open(out_dir / f"step_{step:06d}.jsonl", "w") as f:
-                for p, g in zip(prompts, groups):
-                    f.write(json.dumps({"id": p.id, "question": p.question, "answer": p.answer,
-                                        "responses": [x.text for x in g], "correct": [x.accuracy for x in g],
-                                        "well_formed": [x.format for x in g]}) + "\n")
-    groups = broadcast_object(groups)
+    """Collective. Rank 0 samples (`sample_heldout`; the other ranks wait as long as it is alive, `parallel.wait`);
+    every rank joins the teacher-forced entropy pass."""
+    groups = compute_on_rank(partial(sample_heldout, cfg, worker, pixels, step, out_dir),
+                             f"held-out sampling (step {step})", cfg.parallel.timeout_s)
     rows = [x for g in groups for x in g]
+    set_phase(f"held-out teacher-forced pass (step {step})")
     tf = teacher_forced_metrics(chunks, cfg, rows, pixels, state, step)
     n = max(len(rows), 1)
     return {

@@ -6,23 +6,25 @@
 
 Everything parallel lives below: `bridge.export` (TP gather, PP broadcast), megatron-core (schedules, DDP,
 distributed optimizer); set-up, resume, checkpoints and preemption are `training.run`'s. Rank 0 hosts the engine
-and decides the episode; the rows reach the other ranks as token ids (`broadcast_object`), and every rank tiles
-the images itself with the engine's processor. Checkpoints hold, besides the run's state, the prompt sampler
-position and the selective sample buffer.
+and decides the episode while the other ranks wait as long as it is alive (`parallel.wait.compute_on_rank`); the
+rows reach them as token ids, and the first pipeline stage's ranks tile their own rows' images with the engine's
+processor. Checkpoints hold, besides the run's state, the prompt sampler position and the selective sample buffer.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from functools import partial
 
 from megatron_r1v3.bridge.mapping import parameter_names
 from megatron_r1v3.config import RunConfig
 from megatron_r1v3.parallel.phase import set_phase
-from megatron_r1v3.rl.batch import check_image_tokens, episode_microbatches
+from megatron_r1v3.parallel.wait import compute_on_rank
+from megatron_r1v3.rl.batch import episode_microbatches
 from megatron_r1v3.rl.buffer import SelectiveSampleBuffer
 from megatron_r1v3.rl.episode import collect_episode
-from megatron_r1v3.rl.evaluate import broadcast_object, evaluate_heldout
+from megatron_r1v3.rl.evaluate import evaluate_heldout
 from megatron_r1v3.rl.loss import PROB_ERROR_ALARM
 from megatron_r1v3.rl.policy_loss import count_units, loss_function, reduce_metrics, write_logprobs
 from megatron_r1v3.rl.prompts import PromptSampler, load_prompts
@@ -44,10 +46,8 @@ def connector_frozen(spec: str) -> bool:
 
 def train_on(rows, run: TrainingRun, ref_chunks, pixels: PixelSource, step: int) -> dict:
     """Loss and one optimizer step on the episode's rows (each DP rank its share, in whole microbatches)."""
-    cfg, m = run.cfg, run.cfg.model
-    mbs = episode_microbatches(rows, run.state, cfg.train.micro_batch_size, m.pad_token_id, pixels, step)
-    for r in rows[run.state.dp_rank::run.state.dp]:
-        check_image_tokens(r, pixels(r.prompt_index), m.image_context_token_id, m.tokens_per_tile)
+    cfg = run.cfg
+    mbs = episode_microbatches(rows, run.state, cfg.train.micro_batch_size, cfg.model, pixels, step)
     t0 = time.perf_counter()
     if cfg.rl.old_logprobs == "recompute":
         write_logprobs(run.ddp, mbs, "old_logp")
@@ -80,7 +80,7 @@ def step_timing(metrics: dict, timer: StepTimer, total: float, refit_seconds: fl
 def run_grpo(cfg: RunConfig) -> dict:
     """Train; returns per-step metrics and evaluations (rank 0 also writes TensorBoard + metrics.jsonl)."""
     run = TrainingRun(cfg, "rl")
-    r, src, rank0 = cfg.rl, run.sources, run.state.rank == 0
+    r, src = cfg.rl, run.sources
     train_pixels = PixelSource(cfg, load_prompts(src.train, src.root, cfg.data.strict), src.tokenizer)
     val_pixels = PixelSource(cfg, load_prompts(src.val, src.root, cfg.data.strict), src.tokenizer) if src.val else None
     ref_chunks = run.initial_model(frozen=True) if r.kl_coef else None
@@ -93,7 +93,7 @@ def run_grpo(cfg: RunConfig) -> dict:
     if connector_frozen(cfg.train.trainable):
         run.log.text("[rl] WARNING: the connector (mlp1) is frozen; the R1V3 report saw RL collapse into"
                      " repetitive text when the connector does not train")
-    worker = start_rollouts(cfg, src.tokenizer_dir, src.tokenizer, run.out / "vllm_model", run.state.rank)
+    worker = start_rollouts(cfg, src.tokenizer_dir, src.tokenizer, run.out / "vllm_model")
     if worker is not None:
         run.log.text(f"[rl] vLLM engine up in {worker.engine.start_seconds:.1f}s (in-process on rank 0)")
     refit_worker(worker, run.chunks, cfg)
@@ -111,8 +111,8 @@ def run_grpo(cfg: RunConfig) -> dict:
     for step in run.steps():
         timer, t_step = StepTimer(), time.perf_counter()
         with timer("rollout"):
-            episode = collect_episode(cfg, worker, train_pixels, sampler, buffer, step) if rank0 else None
-            rows, roll_metrics = broadcast_object(episode)
+            episode = partial(collect_episode, cfg, worker, train_pixels, sampler, buffer, step)  # rank 0 runs it
+            rows, roll_metrics = compute_on_rank(episode, f"rollout step {step}", cfg.parallel.timeout_s)
         with timer("train"):
             metrics = train_on(rows, run, ref_chunks, train_pixels, step)
             run.scheduler.step(increment=1)

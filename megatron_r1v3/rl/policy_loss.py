@@ -18,6 +18,7 @@ from megatron.core import tensor_parallel
 
 from megatron_r1v3.config import RLConfig
 from megatron_r1v3.metrics.entropy import vocab_parallel_entropy
+from megatron_r1v3.parallel.init import compute_device
 from megatron_r1v3.rl.loss import METRIC_KEYS, aggregation_count, grpo_loss_pieces, metrics_from_vector
 from megatron_r1v3.training.step import run_schedule
 
@@ -74,7 +75,7 @@ def policy_loss(rl: RLConfig, scale: float, batch: dict, logits: torch.Tensor):
 def count_units(microbatches: list[dict], agg: str) -> float:
     """Σ aggregation units over this rank's microbatches, all-reduced over DP: the step's loss denominator."""
     local = sum(int(aggregation_count(mb["mask"], agg)) for mb in microbatches)
-    t = torch.tensor([float(local)], dtype=torch.float64)
+    t = torch.tensor([float(local)], dtype=torch.float64, device=compute_device())
     dist.all_reduce(t, group=ps.get_data_parallel_group())
     return max(float(t), 1.0)
 
@@ -82,7 +83,7 @@ def count_units(microbatches: list[dict], agg: str) -> float:
 def reduce_metrics(outputs: list[dict]) -> dict[str, float]:
     """Sum the microbatches' metric vectors over DP on the last stage, share them with every rank, name them."""
     size = 1 + len(METRIC_KEYS) + len(EXTRA_KEYS)
-    vec = torch.zeros(size, dtype=torch.float64)
+    vec = torch.zeros(size, dtype=torch.float64, device=compute_device())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         for o in outputs:
             vec += o["vec"].double()
@@ -91,6 +92,7 @@ def reduce_metrics(outputs: list[dict]) -> dict[str, float]:
         dist.broadcast(vec, src=ps.get_pipeline_model_parallel_last_rank(),
                        group=ps.get_pipeline_model_parallel_group())
     out = metrics_from_vector(vec[: 1 + len(METRIC_KEYS)])
+    vec = vec.cpu()
     extra = dict(zip(EXTRA_KEYS, vec[1 + len(METRIC_KEYS):].tolist()))
     out["rollout/prob_error"] = extra["rollout_prob_error"] / max(extra["rollout_tokens"], 1.0)
     out["rollout/critical_entropy"] = extra["crit_resp_sum"] / extra["crit_resp_n"] if extra["crit_resp_n"] else 0.0

@@ -1,4 +1,4 @@
-"""Rank 0's side of GRPO: the colocated vLLM engine, prompts, sampling and rewards; and every rank's pixel source.
+"""Rank 0's side of GRPO: the colocated vLLM engine, prompts, sampling and rewards; and the trainer's pixel source.
 
 The engine serves our model through the native InternVL layout (`rollout.hf_export`); it starts with throw-away
 weights and receives the trainer's by `refit` before the first rollout. Sampling seeds are a function of (run seed,
@@ -8,7 +8,7 @@ step, prompt), so an episode is reproducible after a restart.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import torch
 from megatron_r1v3.config import RunConfig
 from megatron_r1v3.data.records import Sample
 from megatron_r1v3.metrics.entropy import critical_mask
+from megatron_r1v3.parallel.wait import compute_on_rank
 from megatron_r1v3.rl.batch import Rollout
 from megatron_r1v3.rl.prompts import Prompt, make_prompt
 from megatron_r1v3.rl.rewards import score_batch
@@ -42,44 +43,84 @@ def sampling_seeds(seed: int, step: int, round_: int, indices: Sequence[int], st
     return [(base + i * stride) % 2**31 for i in indices]
 
 
+class TileCache:
+    """Least recently used prompt tiles, bounded by their bytes (a text-only prompt's None costs nothing); tiles
+    larger than the whole budget are not kept."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[int, torch.Tensor | None] = OrderedDict()
+
+    @staticmethod
+    def size(tiles: torch.Tensor | None) -> int:
+        return 0 if tiles is None else tiles.numel() * tiles.element_size()
+
+    def __contains__(self, index: int) -> bool:
+        return index in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> torch.Tensor | None:
+        self._items.move_to_end(index)
+        return self._items[index]
+
+    def put(self, index: int, tiles: torch.Tensor | None) -> None:
+        size = self.size(tiles)
+        if index in self._items:
+            self.bytes -= self.size(self._items.pop(index))
+        if size > self.max_bytes:
+            return
+        while self.bytes + size > self.max_bytes:
+            self.bytes -= self.size(self._items.popitem(last=False)[1])
+        self._items[index] = tiles
+        self.bytes += size
+
+
 class PixelSource:
-    """Tiles of a prompt's images with the rollout engine's own image processor (every rank; cached)."""
+    """Tiles of a prompt's images with the rollout engine's own image processor. Only first-stage ranks call it, for
+    their own rows, once per prompt and episode (`rl.batch.episode_tiles`); an LRU cache of `rl.pixel_cache_mb`
+    keeps recent prompts (held-out prompts, buffer replays) without growing with the run."""
 
     def __init__(self, cfg: RunConfig, samples: Sequence[Sample], tokenizer):
         from megatron_r1v3.rollout.hf_export import make_image_processor
 
         self.processor = make_image_processor(cfg.model, cfg.data.max_tiles)
         self.samples, self.tokenizer = samples, tokenizer
-        self._cache: dict[int, torch.Tensor | None] = {}
+        self.cache = TileCache(cfg.rl.pixel_cache_mb * 2**20)
+        self.tiled = 0  # prompts tiled by this process (cache misses)
 
     def prompt(self, index: int) -> Prompt:
         return make_prompt(self.samples[index], index, self.tokenizer)
 
     def __call__(self, index: int) -> torch.Tensor | None:
-        if index not in self._cache:
-            images = self.prompt(index).images
-            self._cache[index] = (self.processor(images=images, return_tensors="pt")["pixel_values"].float()
-                                  if images else None)
-        return self._cache[index]
+        if index in self.cache:
+            return self.cache[index]
+        images = self.prompt(index).images
+        tiles = self.processor(images=images, return_tensors="pt")["pixel_values"].float() if images else None
+        self.tiled += 1
+        self.cache.put(index, tiles)
+        return tiles
 
 
 class RolloutWorker:
     """The engine and reward computation (rank 0 only)."""
 
     def __init__(self, cfg: RunConfig, model_dir: Path, tokenizer):
-        from megatron_r1v3.rollout.engine import RolloutEngine
+        from megatron_r1v3.rollout.engine import RolloutEngine, rollout_dtype
 
         r = cfg.rl
         self.cfg, self.tokenizer = cfg, tokenizer
         self.seconds: dict[str, float] = defaultdict(float)  # engine time vs reward time, reset by the caller
+        dtype = rollout_dtype(r.rollout_dtype)  # auto: bf16 on GPU, fp32 on CPU
         self.verifier = None
         if r.verifier_model:
             from megatron_r1v3.rl.verifier import EngineVerifier
 
             self.verifier = EngineVerifier(r.verifier_model, seed=cfg.seed, kv_cache_mb=r.kv_cache_mb,
-                                           gpu_memory_utilization=r.gpu_memory_utilization / 2)
+                                           gpu_memory_utilization=r.gpu_memory_utilization / 2, dtype=dtype)
         self.engine = RolloutEngine(
-            model_dir, max_model_len=r.max_prompt_tokens + longest_response(cfg), seed=cfg.seed,
+            model_dir, max_model_len=r.max_prompt_tokens + longest_response(cfg), seed=cfg.seed, dtype=dtype,
             kv_cache_bytes=r.kv_cache_mb * 2**20, gpu_memory_utilization=r.gpu_memory_utilization,
             max_images_per_prompt=8, max_num_seqs=max(64, r.samples_per_prompt),
         )
@@ -115,16 +156,26 @@ class RolloutWorker:
             self.verifier.close()
 
 
-def start_rollouts(cfg: RunConfig, tokenizer_dir: Path, tokenizer, model_dir: Path, rank: int) -> RolloutWorker | None:
-    """Rank 0: write the engine's model directory (throw-away weights: the first refit replaces them) and start
-    the engine; None on the other ranks."""
-    if rank != 0:
-        return None
+def start_rollouts(cfg: RunConfig, tokenizer_dir: Path, tokenizer, model_dir: Path) -> RolloutWorker | None:
+    """Collective. Rank 0 writes the engine's model directory (throw-away weights: the first refit replaces them)
+    and starts the engine — minutes for the 38B, so the other ranks wait as long as it is alive
+    (`parallel.wait.compute_on_rank`) rather than inside a timed collective. Returns the worker on rank 0, None
+    elsewhere."""
+    from megatron_r1v3.config import torch_dtype
+    from megatron_r1v3.rollout.engine import rollout_dtype
     from megatron_r1v3.rollout.hf_export import write_vllm_model_dir
 
-    write_vllm_model_dir(model_dir, cfg.model, tokenizer_dir, torch.float32, max_tiles=cfg.data.max_tiles,
-                         seed=cfg.seed)
-    return RolloutWorker(cfg, model_dir, tokenizer)
+    started: list[RolloutWorker] = []
+
+    def start() -> float:
+        # in the dtype the engine serves (config.json's torch_dtype and the throw-away weights agree with it)
+        write_vllm_model_dir(model_dir, cfg.model, tokenizer_dir, torch_dtype(rollout_dtype(cfg.rl.rollout_dtype)),
+                             max_tiles=cfg.data.max_tiles, seed=cfg.seed)
+        started.append(RolloutWorker(cfg, model_dir, tokenizer))
+        return started[0].engine.start_seconds
+
+    compute_on_rank(start, "start rollout engine", cfg.parallel.timeout_s)
+    return started[0] if started else None
 
 
 def refit_worker(worker: RolloutWorker | None, chunks, cfg: RunConfig) -> RefitStats:

@@ -33,10 +33,11 @@ class EngineVerifier:
     """A `rl.rewards.Verifier` backed by a vLLM engine over an HF chat model directory."""
 
     def __init__(self, model_dir: str | Path, max_model_len: int = 4096, max_tokens: int = 8, seed: int = 0,
-                 kv_cache_mb: int = 256, gpu_memory_utilization: float = 0.2):
+                 kv_cache_mb: int = 256, gpu_memory_utilization: float = 0.2, dtype: str = "auto"):
         from megatron_r1v3.rollout.engine import RolloutEngine
 
-        self.engine = RolloutEngine(model_dir, max_model_len=max_model_len, seed=seed,
+        # dtype: `rl.rollout_dtype` (auto = bf16 on GPU, fp32 on CPU)
+        self.engine = RolloutEngine(model_dir, max_model_len=max_model_len, seed=seed, dtype=dtype,
                                     kv_cache_bytes=kv_cache_mb * 2**20, gpu_memory_utilization=gpu_memory_utilization,
                                     max_images_per_prompt=None)
         self.tokenizer = self.engine.tokenizer

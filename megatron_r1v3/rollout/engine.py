@@ -3,9 +3,11 @@
 Prompts are token ids in the vLLM form (ONE `<IMG_CONTEXT>` per image, see `data.template`) plus decoded RGB PIL
 images; vLLM's InternVL processor tiles each image and expands its placeholder, exactly like `expand_image_tokens`.
 The engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) on CPU and GPU alike: starting takes seconds and
-weights can be handed over as tensors (`refit.push_weights`). On every device it currently runs eager with
-`TORCH_COMPILE_DISABLE=1` (on CPU that avoids a g++ kernel compile the first time logprobs are asked for; on GPU it
-forgoes CUDA graphs). Sleep mode (freeing weights / KV cache between rollouts) exists only on GPU.
+weights can be handed over as tensors (`refit.push_weights`). What differs by device is decided in one place,
+`llm_kwargs` / `engine_env` (pure functions, tested on CPU): on CPU the engine runs eager with `TORCH_COMPILE_DISABLE=1`
+(avoids a g++ kernel compile the first time logprobs are asked for) in fp32; on GPU it keeps vLLM's torch.compile and
+CUDA graphs (eager only when asked) and serves bf16 by default (`rl.rollout_dtype`, `rollout_dtype`). Sleep mode
+(freeing weights / KV cache between rollouts) exists only on GPU.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCH_COMPILE_DISABLE": "1"}
+from megatron_r1v3.config import DTYPES
+
 log = logging.getLogger(__name__)
 
 Prompt = tuple[Sequence[int], Sequence["object"]]  # (prompt ids in vLLM form, PIL images)
@@ -54,9 +57,67 @@ def _quiet_vllm_thread_warning() -> None:
             target.addFilter(_DropThreadWarning())
 
 
-def _set_env() -> None:
-    """In-process engine and no torch.compile; must happen before vLLM is imported."""
-    for key, value in _ENV.items():
+def rollout_dtype(name: str = "auto", on_gpu: bool | None = None) -> str:
+    """`rl.rollout_dtype` -> the dtype name (`fp32`|`bf16`) the engine serves and its model directory is written in.
+
+    `auto` = bf16 on GPU, fp32 on CPU (the CPU parity tests compare vLLM's logprobs with an fp32 trainer)."""
+    if on_gpu is None:
+        on_gpu = torch.cuda.is_available()
+    if name == "auto":
+        return "bf16" if on_gpu else "fp32"
+    if name not in ("fp32", "bf16"):
+        raise ValueError(f"rollout dtype {name!r} must be auto, fp32 or bf16")
+    return name
+
+
+def engine_env(on_gpu: bool) -> dict[str, str]:
+    """Environment defaults the engine sets (unless already set) before vLLM is imported: in-process on every
+    device; torch.compile off on CPU only (GPU: left to vLLM, which compiles the model and captures CUDA graphs)."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if not on_gpu:
+        env["TORCH_COMPILE_DISABLE"] = "1"
+    return env
+
+
+def llm_kwargs(
+    model_dir: str | Path,
+    *,
+    on_gpu: bool,
+    max_model_len: int,
+    seed: int = 0,
+    dtype: str = "auto",
+    max_images_per_prompt: int | None = 4,
+    kv_cache_bytes: int = 256 * 2**20,
+    gpu_memory_utilization: float = 0.5,
+    logprobs_mode: str = "raw_logprobs",
+    enable_sleep_mode: bool = False,
+    max_num_seqs: int = 64,
+    enforce_eager: bool | None = None,
+) -> dict:
+    """The keyword arguments of vLLM's `LLM(...)` for this device (no vLLM import; `RolloutEngine` passes them).
+
+    CPU: eager, a fixed KV-cache size in bytes, fp32 unless asked otherwise. GPU-only: CUDA graphs and
+    torch.compile unless `enforce_eager=True`, KV cache as a fraction of GPU memory, bf16 by default, sleep mode."""
+    kwargs: dict = dict(
+        model=str(model_dir), dtype=DTYPES[rollout_dtype(dtype, on_gpu)][0], seed=seed,
+        # GPU only: vLLM's torch.compile + CUDA graphs (captured once at start; `reload_weights` copies new weights
+        # into the same parameter storage, so the graphs stay valid across refits). CPU: always eager.
+        enforce_eager=bool(enforce_eager) if on_gpu else True,
+        max_model_len=max_model_len, logprobs_mode=logprobs_mode, enable_sleep_mode=enable_sleep_mode and on_gpu,
+        max_num_seqs=max_num_seqs,
+    )
+    if max_images_per_prompt is not None:
+        kwargs["limit_mm_per_prompt"] = {"image": max_images_per_prompt, "video": 0}
+    if on_gpu:  # GPU only: KV cache sized as a fraction of device memory (colocated: leave the trainer room)
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    else:
+        kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+    return kwargs
+
+
+def _set_env(on_gpu: bool) -> None:
+    """`engine_env` defaults; must happen before vLLM is imported."""
+    for key, value in engine_env(on_gpu).items():
         os.environ.setdefault(key, value)
     if os.environ.get("TORCH_COMPILE_DISABLE") == "1":
         import torch._dynamo
@@ -101,31 +162,31 @@ class RolloutEngine:
         model_dir: str | Path,
         max_model_len: int,
         seed: int = 0,
-        dtype: str = "float32",
+        dtype: str = "auto",  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16: see `rollout_dtype`
         max_images_per_prompt: int | None = 4,  # None: leave vLLM's multimodal limits alone (text-only models)
         kv_cache_bytes: int = 256 * 2**20,
         gpu_memory_utilization: float = 0.5,
         logprobs_mode: str = "raw_logprobs",
         enable_sleep_mode: bool | None = None,
         max_num_seqs: int = 64,
+        enforce_eager: bool | None = None,  # None: eager on CPU, CUDA graphs on GPU
     ):
-        _set_env()
+        self.on_gpu = torch.cuda.is_available()
+        _set_env(self.on_gpu)
         from vllm import LLM
 
-        self.on_gpu = torch.cuda.is_available()
         self.sleep_enabled = self.on_gpu if enable_sleep_mode is None else (enable_sleep_mode and self.on_gpu)
         self.asleep = False
-        kwargs = dict(gpu_memory_utilization=gpu_memory_utilization) if self.on_gpu else dict(
-            kv_cache_memory_bytes=kv_cache_bytes)
+        self.dtype = rollout_dtype(dtype, self.on_gpu)
+        kwargs = llm_kwargs(
+            model_dir, on_gpu=self.on_gpu, max_model_len=max_model_len, seed=seed, dtype=self.dtype,
+            max_images_per_prompt=max_images_per_prompt, kv_cache_bytes=kv_cache_bytes,
+            gpu_memory_utilization=gpu_memory_utilization, logprobs_mode=logprobs_mode,
+            enable_sleep_mode=self.sleep_enabled, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
+        )
         start = time.perf_counter()
         with torch_distributed_registry() as self._registry:
-            self.llm = LLM(
-                model=str(model_dir), dtype=dtype, seed=seed, enforce_eager=True, max_model_len=max_model_len,
-                **({} if max_images_per_prompt is None else
-                   {"limit_mm_per_prompt": {"image": max_images_per_prompt, "video": 0}}),
-                logprobs_mode=logprobs_mode,
-                enable_sleep_mode=self.sleep_enabled, max_num_seqs=max_num_seqs, **kwargs,
-            )
+            self.llm = LLM(**kwargs)
         self.start_seconds = time.perf_counter() - start
         _quiet_vllm_thread_warning()
         self.tokenizer = self.llm.get_tokenizer()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_r1v3.parallel.init import compute_device
 from megatron_r1v3.training.step import forward_logits
 
 
@@ -29,9 +30,10 @@ def greedy_generate(
         if pix is not None:
             batch["pixel_values"] = pix
         logits = forward_logits(chunks, [batch], vocab_size)
-        nxt = torch.zeros(len(seqs), dtype=torch.long)
+        nxt = torch.zeros(len(seqs), dtype=torch.long, device=compute_device())
         if logits is not None:
-            nxt = logits[0][torch.arange(len(seqs)), torch.tensor([len(s) - 1 for s in seqs])].argmax(-1)
+            last = torch.tensor([len(s) - 1 for s in seqs], device=nxt.device)
+            nxt = logits[0][torch.arange(len(seqs), device=nxt.device), last].argmax(-1)
         nxt = _share_from_last_stage(nxt)
         for i, token in enumerate(nxt.tolist()):
             if not done[i]:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_r1v3.parallel.init import compute_device
+
 MARKER = "PREEMPTED"
 
 
@@ -27,9 +29,7 @@ class PreemptionWatch:
         self.flag = True
 
     def requested(self) -> bool:
-        t = torch.tensor([1 if self.flag else 0], dtype=torch.int32)
-        if torch.cuda.is_available():
-            t = t.cuda()
+        t = torch.tensor([1 if self.flag else 0], dtype=torch.int32, device=compute_device())
         if dist.is_initialized():
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())

@@ -8,6 +8,15 @@ import torch
 from megatron_r1v3.config import ModelConfig
 
 
+def random_text_ids(model: ModelConfig, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Token ids uniform over the vocab without the image tokens (any layout of the special ids works)."""
+    specials = sorted({model.image_context_token_id, model.image_start_token_id, model.image_end_token_id})
+    ids = torch.randint(0, model.language.vocab_size - len(specials), shape, generator=generator)
+    for special in specials:
+        ids[ids >= special] += 1
+    return ids
+
+
 def random_microbatches(
     model: ModelConfig, num: int, micro_batch_size: int, seq_length: int, tiles_per_sample: int, seed: int
 ) -> list[dict]:
@@ -16,11 +25,10 @@ def random_microbatches(
     n_img = tiles_per_sample * model.tokens_per_tile
     if n_img + 3 > seq_length:
         raise ValueError(f"seq_length={seq_length} too short for {tiles_per_sample} tiles ({n_img} image tokens)")
-    special = max(model.image_context_token_id, model.image_start_token_id, model.image_end_token_id) + 1
     size = model.vision.image_size
     out = []
     for _ in range(num):
-        ids = torch.randint(special, model.language.vocab_size, (micro_batch_size, seq_length), generator=g)
+        ids = random_text_ids(model, (micro_batch_size, seq_length), g)
         ids[:, 0] = model.image_start_token_id
         ids[:, 1 : 1 + n_img] = model.image_context_token_id
         ids[:, 1 + n_img] = model.image_end_token_id

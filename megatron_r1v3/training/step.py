@@ -1,8 +1,9 @@
 """One training step and one evaluation forward through megatron-core's pipeline schedules.
 
 A microbatch is a dict: `input_ids [b, s]`, `labels [b, s]`, `loss_mask [b, s]` (1 where the token is trained on)
-and optionally `pixel_values [tiles, 3, S, S]`. Every stage receives the same microbatches; stage 0 uses the ids and
-pixels, the last stage the labels. The loss is the token mean of each microbatch, averaged over microbatches and DP.
+and optionally `pixel_values [tiles, 3, S, S]` (only the first stage uses them; later stages may omit them). Every
+stage iterates the same microbatches, moved to the compute device by `to_device`; stage 0 uses the ids and pixels,
+the last stage the labels. The loss is the token mean of each microbatch, averaged over microbatches and DP.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from megatron.core import tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_r1v3.models.vlm import gather_logits
+from megatron_r1v3.parallel.init import compute_device
 from megatron_r1v3.parallel.phase import set_phase
 
 
@@ -27,8 +29,22 @@ def token_loss(batch: dict, logits: torch.Tensor):
     return loss, {"loss": loss.detach().clone()}
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The one place a microbatch moves to the compute device (every pass goes through `run_schedule`): tensors
+    copied non-blocking, image tiles through pinned host memory on GPU so the copy overlaps compute. Other values
+    (counts, lists) as they are. A no-op for tensors already there (e.g. logprobs written by an earlier pass)."""
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.device != device:
+            if key == "pixel_values" and device.type == "cuda" and not value.is_pinned():
+                value = value.pin_memory()
+            value = value.to(device, non_blocking=True)
+        out[key] = value
+    return out
+
+
 def _forward_step(data_iterator, model, loss_fn=token_loss):
-    batch = next(data_iterator)
+    batch = to_device(next(data_iterator), compute_device())
     out = model(batch["input_ids"], pixel_values=batch.get("pixel_values"))
     return out, partial(loss_fn, batch)
 
@@ -47,9 +63,7 @@ def _shape(microbatches: list[dict]) -> tuple[int, int]:
 
 def broadcast_from_last_stage(value: float) -> float:
     """Make a last-stage scalar (e.g. the loss) known on every rank."""
-    t = torch.tensor([value], dtype=torch.float64)
-    if torch.cuda.is_available():
-        t = t.cuda()
+    t = torch.tensor([value], dtype=torch.float64, device=compute_device())
     if ps.get_pipeline_model_parallel_world_size() > 1:
         src = ps.get_pipeline_model_parallel_last_rank()
         dist.broadcast(t, src=src, group=ps.get_pipeline_model_parallel_group())
