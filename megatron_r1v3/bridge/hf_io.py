@@ -34,6 +34,26 @@ class HFFormatError(ValueError):
     """An HF checkpoint we cannot read or do not support; the message names the file and field."""
 
 
+# transformers' `save_pretrained` stores InternVLForConditionalGeneration under its checkpoint names (every
+# published `-hf` InternVL checkpoint, and transformers 5.x's own saves), not the in-memory module paths the
+# mapping table spells: the one normalisation from stored to canonical names (native layout only).
+NATIVE_SAVED_PREFIXES = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+
+
+def canonical_name(stored: str, layout: str) -> str:
+    """The mapping table's name of a tensor as a checkpoint of `layout` stores it."""
+    if layout == "native":
+        for saved, canonical in NATIVE_SAVED_PREFIXES:
+            if stored.startswith(saved):
+                return canonical + stored[len(saved):]
+    return stored
+
+
 def detect_layout(config: dict, path: str | Path = "config.json") -> str:
     """'remote' (InternVL chat / Skywork-R1V remote code) or 'native' (InternVLForConditionalGeneration)."""
     archs = set(config.get("architectures") or [])
@@ -226,18 +246,26 @@ class HFCheckpoint:
             raise HFFormatError(f"{cfg_path} not found (not an HF model directory)")
         self.config = json.loads(cfg_path.read_text())
         self.layout = detect_layout(self.config, cfg_path)
-        self._where: dict[str, Path] = {}
+        stored: dict[str, Path] = {}
         index = self.path / INDEX
         if index.is_file():
             for name, fname in json.loads(index.read_text())["weight_map"].items():
-                self._where[name] = self.path / fname
+                stored[name] = self.path / fname
         else:
             files = sorted(self.path.glob("*.safetensors"))
             if not files:
                 raise HFFormatError(f"{self.path}: no *.safetensors files and no {INDEX}")
             for f in files:
                 for name in SafetensorsFile(f).header:
-                    self._where[name] = f
+                    stored[name] = f
+        # canonical name (the mapping table's) -> (file, the name as stored)
+        self._where: dict[str, tuple[Path, str]] = {}
+        for name, f in stored.items():
+            canonical = canonical_name(name, self.layout)
+            if canonical in self._where:
+                raise HFFormatError(f"{self.path}: tensor {canonical!r} is stored twice, as"
+                                    f" {self._where[canonical][1]!r} and {name!r}")
+            self._where[canonical] = (f, name)
         self._handles: dict[Path, SafetensorsFile] = {}
 
     def model_config(self) -> ModelConfig:
@@ -253,23 +281,24 @@ class HFCheckpoint:
             self._handles[f] = SafetensorsFile(f)
         return self._handles[f]
 
-    def _entry(self, name: str) -> tuple["SafetensorsFile", dict]:
+    def _entry(self, name: str) -> tuple["SafetensorsFile", str]:
         if name not in self._where:
             raise MappingError(f"missing tensor {name!r} in {self.path}")
-        f = self._handle(self._where[name])
-        if name not in f.header:
-            raise HFFormatError(f"{f.path} does not hold tensor {name!r} (the file {INDEX} names)")
-        return f, f.header[name]
+        path, stored = self._where[name]
+        f = self._handle(path)
+        if stored not in f.header:
+            raise HFFormatError(f"{f.path} does not hold tensor {stored!r} (the file {INDEX} names)")
+        return f, stored
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor; a missing name raises MappingError naming it and the directory."""
-        f, _ = self._entry(name)
-        return f.read(name)
+        """One tensor by its canonical name; a missing name raises MappingError naming it and the directory."""
+        f, stored = self._entry(name)
+        return f.read(stored)
 
     def meta(self, name: str) -> torch.Tensor:
         """A tensor's shape and dtype as a meta tensor, from the file header (no data read)."""
-        f, entry = self._entry(name)
-        return torch.empty(entry["shape"], dtype=f.dtype(name), device="meta")
+        f, stored = self._entry(name)
+        return torch.empty(f.header[stored]["shape"], dtype=f.dtype(stored), device="meta")
 
     def dtype(self) -> torch.dtype:
         return self.meta(next(iter(self._where))).dtype

@@ -1,0 +1,82 @@
+"""Checkpoints written by transformers itself (not by our writer): `InternVLForConditionalGeneration.save_pretrained`
+stores the checkpoint names (`language_model.model.*`, `language_model.lm_head.weight`, `vision_tower.*`,
+`multi_modal_projector.*`). They convert, match transformers' logits at TP2·PP2 and round-trip tensor for tensor."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from megatron_r1v3.bridge.hf_io import HFCheckpoint, HFFormatError, canonical_name, hf_config_from_model
+from megatron_r1v3.presets import tiny
+
+pytestmark = pytest.mark.multiprocess
+
+
+def r1v3(*args):
+    out = subprocess.run([sys.executable, "-m", "megatron_r1v3.cli", *map(str, args)], capture_output=True,
+                         text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A random tiny InternVL (3 ViT heads, GQA, vocab 1000) saved by transformers' own save_pretrained."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    m = tiny()
+    m.vision.hidden_size, m.vision.num_heads = 48, 3
+    torch.manual_seed(0)
+    model = InternVLForConditionalGeneration(InternVLConfig.from_dict(hf_config_from_model(m, "native", torch.float32)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)  # transformers' init leaves layer scales / norms constant: make every tensor count
+    out = tmp_path_factory.mktemp("tf") / "hf"
+    model.save_pretrained(out)
+    return out, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_transformers_writes_checkpoint_names_and_we_read_them(saved):
+    hf_dir, state = saved
+    with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
+        stored = set(f.keys())
+    assert "language_model.model.embed_tokens.weight" in stored and "lm_head.weight" not in stored
+    ckpt = HFCheckpoint(hf_dir)
+    assert sorted(ckpt.names()) == sorted(state)  # canonical = transformers' in-memory names
+    for name in state:
+        assert torch.equal(ckpt.get(name), state[name]), name
+    assert canonical_name("vision_model.encoder.layers.0.ls1", "remote") == "vision_model.encoder.layers.0.ls1"
+
+
+def test_transformers_checkpoint_converts_matches_logits_and_round_trips(saved, tmp_path):
+    hf_dir, state = saved
+    meg, back = tmp_path / "meg", tmp_path / "back"
+    r1v3("convert", "hf-to-megatron", "--hf", hf_dir, "--out", meg, "--tp", 2, "--pp", 2)
+    line = r1v3("compare-hf", "--hf", hf_dir, "--megatron", meg, "--tp", 2, "--pp", 2).strip().splitlines()[-1]
+    diff = float(re.fullmatch(r"max_abs_logit_diff=(\S+)", line).group(1))
+    print(f"transformers-saved checkpoint at TP2·PP2: max |logit diff| = {diff:.3g}")
+    assert diff <= 1e-5
+    r1v3("convert", "megatron-to-hf", "--megatron", meg, "--out", back, "--tp", 2, "--pp", 2)
+    exported = HFCheckpoint(back)
+    assert sorted(exported.names()) == sorted(state)
+    for name in state:
+        assert torch.equal(exported.get(name), state[name]), name
+
+
+def test_a_tensor_stored_under_both_spellings_is_named(saved, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    hf_dir, _ = saved
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_dir, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    tensors["model.language_model.norm.weight"] = tensors["language_model.model.norm.weight"].clone()
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(HFFormatError, match="model.language_model.norm.weight.*stored twice"):
+        HFCheckpoint(bad)
