@@ -80,3 +80,17 @@ def test_a_tensor_stored_under_both_spellings_is_named(saved, tmp_path):
     save_file(tensors, str(bad / "model.safetensors"))
     with pytest.raises(HFFormatError, match="model.language_model.norm.weight.*stored twice"):
         HFCheckpoint(bad)
+
+
+def test_conversion_checks_the_checkpoint_not_training_defaults(tmp_path):
+    """A valid checkpoint with 1024 positions (below the training default data.seq_length=4096) converts both ways
+    and compares (the converter used to refuse it naming data.seq_length)."""
+    from megatron_r1v3.bridge.random_hf import write_random_hf_checkpoint
+
+    m = tiny()
+    m.language.max_position_embeddings = 1024
+    hf = write_random_hf_checkpoint(tmp_path / "hf", m, "native")
+    r1v3("convert", "hf-to-megatron", "--hf", hf, "--out", tmp_path / "meg")
+    r1v3("convert", "megatron-to-hf", "--megatron", tmp_path / "meg", "--out", tmp_path / "back")
+    line = r1v3("compare-hf", "--hf", hf, "--megatron", tmp_path / "meg").strip().splitlines()[-1]
+    assert float(re.fullmatch(r"max_abs_logit_diff=(\S+)", line).group(1)) <= 1e-5

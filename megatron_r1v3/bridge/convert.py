@@ -37,10 +37,12 @@ from megatron_r1v3.bridge.mcore_layout import chunks as megatron_chunks
 from megatron_r1v3.bridge.mcore_layout import extra_state_keys
 from megatron_r1v3.config import (
     ConfigError,
+    DataConfig,
     ModelConfig,
     ParallelConfig,
     PrecisionConfig,
     RunConfig,
+    TrainConfig,
     as_dict,
     dtype_name,
     torch_dtype,
@@ -104,11 +106,15 @@ def atomic_output_dir(out: Path):
 
 
 def conversion_run_config(model: ModelConfig, dtype: torch.dtype, tp: int, pp: int, vpp: int | None) -> RunConfig:
-    """The run config of a conversion/parity job: the checkpoint's model and dtype, local layer spec."""
+    """The run config of a conversion/parity job: the checkpoint's model and dtype, local layer spec. It trains
+    nothing, so its data/train sections are the neutral ones every model passes (one microbatch, a sequence as long
+    as the model's positions): the start-time checks judge the checkpoint's layout, not a recipe's defaults."""
     return RunConfig(
         model=model,
         parallel=ParallelConfig(tensor=tp, pipeline=pp, virtual_pipeline=vpp),
         precision=PrecisionConfig(params_dtype=dtype_name(dtype), transformer_impl="local"),
+        data=DataConfig(seq_length=model.language.max_position_embeddings),
+        train=TrainConfig(global_batch_size=1, micro_batch_size=1),
     )
 
 
