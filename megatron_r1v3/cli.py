@@ -12,11 +12,13 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 from typing import Optional
 
 from megatron_r1v3.config import ConfigError, RunConfig
 from megatron_r1v3.parallel import setup_process
 from megatron_r1v3.parallel.layout import ParallelLayout
+from megatron_r1v3.parallel.lifeline import LAUNCHER_PID
 from megatron_r1v3.presets import load_config
 
 
@@ -50,10 +52,14 @@ def maybe_relaunch(nproc: int, argv: list[str]) -> None:
 
     if nproc <= 1 or under_launcher() is not None:
         return
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "megatron_r1v3.cli", *argv]
+    # the ranks need no --nproc, and torchrun's parser takes it for an abbreviation of its own --nproc-per-node
+    ranks_argv = [a for i, a in enumerate(argv) if not (a == "--nproc" or a.startswith("--nproc=")
+                                                        or (i and argv[i - 1] == "--nproc"))]
+    cmd = [sys.executable, "-m", "megatron_r1v3.parallel.torchrun", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "megatron_r1v3.cli", *ranks_argv]  # torchrun, minus its traceback when a rank failed
     print(f"[r1v3] launching {nproc} processes: torchrun --standalone --nproc-per-node={nproc} ...", flush=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # torchrun keeps this pid: the ranks end with it (lifeline.py)
     os.execv(sys.executable, cmd)
 
 
@@ -170,6 +176,26 @@ def cmd_compare_hf(args) -> int:
     return 0
 
 
+def _run_loop(command: str, loop, cfg: RunConfig):
+    """`loop(cfg)`'s result, or the exit code of a run that ends without one: 0 when it is complete already (a
+    requeued or re-submitted job), 1 for a checkpoint it cannot use (the same error on every rank; rank 0 prints
+    it)."""
+    from megatron_r1v3.models.weights import CheckpointError
+    from megatron_r1v3.parallel import destroy_parallel
+    from megatron_r1v3.training.run import RunAlreadyComplete
+
+    try:
+        return loop(cfg)
+    except RunAlreadyComplete as done:
+        code, line, stream = 0, f"[{command}] {done}", sys.stdout
+    except CheckpointError as exc:
+        code, line, stream = 1, f"r1v3 {command}: error: {exc}", sys.stderr
+    if _is_rank0():
+        print(line, file=stream, flush=True)
+    destroy_parallel()
+    return code
+
+
 def cmd_sft(args) -> int:
     """Cold-start SFT or connector-only tuning (`train.trainable`) from a recipe."""
     cfg = _load(args)
@@ -181,10 +207,12 @@ def cmd_sft(args) -> int:
     from megatron_r1v3.sft.trainer import run_sft
 
     try:
-        result = run_sft(cfg)
+        result = _run_loop("sft", run_sft, cfg)
     except (RecordError, BadSampleError, TokenizerError) as exc:  # data.strict=true or unusable inputs
         print(f"r1v3 sft: error: {exc}", file=sys.stderr)
         return 1
+    if isinstance(result, int):
+        return result
     if _is_rank0() and result["preempted"]:
         print(f"[sft] preempted: checkpoint at step {result['step']} in {result['checkpoint']}; requeue to resume")
     elif _is_rank0():
@@ -210,10 +238,12 @@ def cmd_rl(args) -> int:
     from megatron_r1v3.rl.grpo import run_grpo
 
     try:
-        result = run_grpo(cfg)
+        result = _run_loop("rl", run_grpo, cfg)
     except (RecordError, TokenizerError) as exc:
         print(f"r1v3 rl: error: {exc}", file=sys.stderr)
         return 1
+    if isinstance(result, int):
+        return result
     if _is_rank0() and result["preempted"]:
         print(f"[rl] preempted: checkpoint at step {result['step']} in {result['checkpoint']}; requeue to resume")
     elif _is_rank0():
@@ -251,7 +281,10 @@ def cmd_eval(args) -> int:
     from megatron_r1v3.rl.checkpoints import checkpoint_dirs, evaluate_checkpoints, table, write_json
 
     out = Path(args.out)
-    results = evaluate_checkpoints(cfg, checkpoint_dirs(args.checkpoint)[-1:], out)
+    results = _run_loop("eval", partial(evaluate_checkpoints, paths=checkpoint_dirs(args.checkpoint)[-1:],
+                                        out_dir=out), cfg)
+    if isinstance(results, int):
+        return results
     if _is_rank0():
         write_json(out / "summary.json", results[0])
         print(table(results))
@@ -273,7 +306,10 @@ def cmd_select_checkpoint(args) -> int:
     from megatron_r1v3.rl.checkpoints import checkpoint_dirs, evaluate_checkpoints, rank_checkpoints, table, write_json
 
     out = Path(args.out)
-    results = evaluate_checkpoints(cfg, checkpoint_dirs(args.checkpoints), out)
+    results = _run_loop("select-checkpoint", partial(evaluate_checkpoints, paths=checkpoint_dirs(args.checkpoints),
+                                                     out_dir=out), cfg)
+    if isinstance(results, int):
+        return results
     key = "critical_entropy_next" if args.next_token else "critical_entropy"
     ranking = rank_checkpoints(results, key, args.prefer)
     if _is_rank0():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 RECIPE = "examples/tiny_cpu_sft.yaml"
@@ -35,3 +37,23 @@ def sft_then_connector_only(workdir: str) -> dict:
         "connector_params": [n for n in before if n.startswith("mlp1.")],
         "connector_changed": [n for n in changed if n.startswith("mlp1.")],
     }
+
+
+def resume_each(toy: str, cases: list[tuple[str, list[str]]]) -> list[dict]:
+    """Resume each (output_dir, overrides) run in turn in this one launch; what each raised and how fast."""
+    from megatron_r1v3.models.weights import CheckpointError
+    from megatron_r1v3.presets import load_config
+    from megatron_r1v3.sft.trainer import run_sft
+
+    out = []
+    for output_dir, overrides in cases:
+        cfg = load_config(RECIPE, [f"output_dir={output_dir}", f"data.toy_dir={toy}", "logging.tensorboard=false",
+                                   *overrides])
+        t0 = time.monotonic()
+        try:
+            run_sft(cfg)
+            error = {"type": None, "error": None}
+        except CheckpointError as exc:
+            error = {"type": type(exc).__name__, "error": str(exc)}
+        out.append({**error, "seconds": time.monotonic() - t0})
+    return out

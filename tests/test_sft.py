@@ -1,7 +1,12 @@
 """SFT trainer on the tiny VLM through real megatron-core (TP2, gloo): learning, connector-only freezing, kill -9
-resume bit for bit, crash during a checkpoint save, and bad samples that never stop the run."""
+resume bit for bit (at a fixed and at a random step), crash during a checkpoint save, bad samples that never stop
+the run; jobs that end cleanly: a finished run started again changes nothing, ranks end with a killed launcher, and
+unusable checkpoints stop every rank with an error naming the file."""
 
 import json
+import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,6 +74,27 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["group"] == "sft"}
 
 
+TIMINGS = {"tokens_per_s", "images_per_s"}
+
+
+def metrics(out: Path) -> dict[tuple[str, int], dict]:
+    """(group, step) -> every logged value but throughput; a step logged twice keeps its last row."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {(r["group"], r["step"]): {k: v for k, v in r.items() if k not in TIMINGS} for r in rows}
+
+
+def listing(root: Path) -> dict[str, tuple[int, int]]:
+    """path -> (mtime in ns, size) of `root` and everything under it."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in [root, *root.rglob("*")]}
+
+
+def alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE  # a killed rank stays a zombie when nobody reaps it
+    except psutil.Error:
+        return False
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
@@ -126,3 +152,126 @@ def test_bad_samples_are_skipped_counted_and_strict_mode_stops(reference, tmp_pa
                             text=True, timeout=600)
     # records are read before images are touched, so the malformed JSON on line 3 is what stops a strict run
     assert strict.returncode != 0 and f"r1v3 sft: error: {data}:3: bad JSON" in strict.stderr, strict.stderr[-2000:]
+
+
+def test_rerun_of_a_finished_run_changes_nothing_and_raised_steps_continue(reference, tmp_path):
+    root, _ = reference
+    done = root / "ref"
+    before = listing(done)
+    t0 = time.monotonic()
+    stdout = run_to_end(sft_cmd(done, root / "toy"))  # a requeued or re-submitted job
+    assert f"[sft] {done} is complete: 12 steps of train.steps=12" in stdout, stdout
+    assert listing(done) == before  # no checkpoint, metrics line, config, TensorBoard file or held-out answers
+    print(f"\nre-run of a finished run: {time.monotonic() - t0:.1f}s")
+
+    # more steps continue from the last checkpoint; a step directory left by a crash between its rename and
+    # `latest` is replaced, a stale partial save removed at start
+    more = tmp_path / "more"
+    shutil.copytree(done, more)
+    ckpts = more / "checkpoints"
+    shutil.copytree(ckpts / "step_00000012", ckpts / "step_00000013")
+    (ckpts / "step_00000013" / "left_by_a_crash").write_text("")
+    (ckpts / "step_00000014.partial" / "model").mkdir(parents=True)
+    stdout = run_to_end(sft_cmd(more, root / "toy", "train.steps=14", "checkpoint.save_every=1"))
+    assert "starting at step 12" in stdout and "[sft] done: 14 steps" in stdout
+    assert (ckpts / "latest").read_text().strip() == "step_00000014"
+    assert json.loads((ckpts / "step_00000013" / "trainer_state.json").read_text())["step"] == 13
+    assert not (ckpts / "step_00000013" / "left_by_a_crash").exists() and not list(ckpts.glob("*.partial"))
+    assert sorted(losses(more)) == list(range(1, 15))
+    assert json.loads((more / "COMPLETE").read_text()) == {"step": 14, "train_steps": 14}
+
+
+def test_kill_the_whole_job_at_a_random_step_then_resume_matches_every_step(reference):
+    root, _ = reference
+    rng = random.Random(11)  # step 8 + 0.87 s: around step 8's checkpoint save, the data past its first epoch
+    # after step `step` is logged (past the step-4 checkpoint, so the resume loads one), mid-step or mid-save
+    step, delay = rng.randint(5, 11), rng.uniform(0.0, 1.0)
+    out = root / "random_kill"
+
+    def at_random_step(line: str) -> bool:
+        if line.startswith(f"[sft] step {step} "):
+            time.sleep(delay)
+            return True
+        return False
+
+    run_and_kill(sft_cmd(out, root / "toy"), at_random_step)  # SIGKILL to the launcher and every rank at once
+    stdout = run_to_end(sft_cmd(out, root / "toy"))
+    resumed_at = int(stdout.split("starting at step ", 1)[1].split()[0])
+    print(f"\nkilled after step {step} (+{delay:.2f}s), resumed at step {resumed_at}")
+    assert resumed_at in (4, 8) and resumed_at <= step
+    assert metrics(out) == metrics(root / "ref")  # every step's loss, lr, grad norm, skips; held-out accuracy
+    assert (out / "heldout.jsonl").read_text() == (root / "ref" / "heldout.jsonl").read_text()
+
+
+def test_ranks_end_soon_after_their_launcher_is_killed(reference, tmp_path):
+    root, _ = reference
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(sft_cmd(tmp_path / "orphans", root / "toy", "train.steps=200",
+                                        "checkpoint.save_every=1"), stdout=subprocess.PIPE, stderr=err, text=True)
+    everything = []
+    try:
+        for line in proc.stdout:  # step 2 is logged after step 1's checkpoint: the ranks' helpers run too
+            if line.startswith("[sft] step 2 "):
+                break
+        launcher = psutil.Process(proc.pid)
+        ranks, everything = launcher.children(), launcher.children(recursive=True)
+        assert len(ranks) == 2 and len(everything) > 2, everything
+        proc.send_signal(signal.SIGKILL)  # the launcher only (torchrun: the r1v3 command exec'ed into it)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in everything) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [p.pid for p in everything if alive(p)]
+        assert not left, f"alive 10 s after the launcher was killed: {left}"
+        assert stderr.read_text().count("launcher (pid") == 2
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+        for p in everything:
+            if alive(p):
+                p.kill()
+
+
+def _truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def test_unusable_checkpoints_stop_every_rank_with_the_file_named(reference, tmp_path):
+    root, _ = reference
+    step = Path("checkpoints") / "step_00000012"
+    broken = {  # case -> (how it is broken, overrides, what the error must say)
+        "truncated_shard": (lambda d: _truncate(d / step / "model" / "__0_0.distcp"), [],
+                            [f"{step}/model/__0_0.distcp is truncated", "its index needs"]),
+        "truncated_optimizer": (lambda d: _truncate(d / step / "optimizer" / "params_tp1_pp0.pt"), [],
+                                [f"{step}/optimizer/params_tp1_pp0.pt is unreadable", "(rank 1)"]),
+        "dangling_latest": (lambda d: (d / "checkpoints" / "latest").write_text("step_00000099\n"), [],
+                            ["checkpoints/latest names step_00000099, which does not exist"]),
+        "other_model": (lambda d: None, ["model.language.ffn_hidden_size=384"],
+                        ["holds a model of another shape", "linear_fc1.weight (4, 512, 128) in the checkpoint,"
+                         " (4, 768, 128) in the model"]),
+    }
+    for name, (breaking, _, _) in broken.items():
+        shutil.copytree(root / "ref", tmp_path / name)
+        breaking(tmp_path / name)
+    cases = [(str(tmp_path / name), ["train.steps=20", *overrides]) for name, (_, overrides, _) in broken.items()]
+    t0 = time.monotonic()
+    ranks = run_distributed("tests.sft_workers:resume_each", 2, timeout_s=300, toy=str(root / "toy"), cases=cases)
+    print(f"\n{len(cases)} unusable checkpoints, one launch: {time.monotonic() - t0:.1f}s")
+    for (name, (_, _, expected)), got0, got1 in zip(broken.items(), *ranks):
+        assert got0["error"] == got1["error"], (name, got0, got1)  # every rank, the same error
+        assert got0["type"] == "CheckpointError" and all(e in got0["error"] for e in expected), (name, got0)
+        assert got0["seconds"] < 60, (name, got0)
+
+    # through the CLI: another layout (TP1·DP2 on a TP2 run), the way to go on named, a non-zero exit
+    shutil.copytree(root / "ref", tmp_path / "other_layout")
+    t0 = time.monotonic()
+    out = subprocess.run(sft_cmd(tmp_path / "other_layout", root / "toy", "train.steps=20", "parallel.tensor=1",
+                                 "--nproc", "2"), capture_output=True, text=True, timeout=300)
+    seconds = time.monotonic() - t0
+    assert out.returncode == 1, out.stderr[-3000:]
+    error = [x for x in out.stderr.splitlines() if x.startswith("r1v3 sft: error: ")]
+    assert len(error) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert f"{step} was saved at TP2·PP1·DP1 (distributed optimizer), this run is TP1·PP1·DP2" in error[0]
+    assert f"checkpoint.load={tmp_path / 'other_layout' / step} checkpoint.resume=false" in error[0]
+    assert seconds < 120, seconds

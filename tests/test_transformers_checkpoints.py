@@ -94,3 +94,26 @@ def test_conversion_checks_the_checkpoint_not_training_defaults(tmp_path):
     r1v3("convert", "megatron-to-hf", "--megatron", tmp_path / "meg", "--out", tmp_path / "back")
     line = r1v3("compare-hf", "--hf", hf, "--megatron", tmp_path / "meg").strip().splitlines()[-1]
     assert float(re.fullmatch(r"max_abs_logit_diff=(\S+)", line).group(1)) <= 1e-5
+
+
+def test_a_recipe_that_disagrees_with_the_checkpoint_model_is_named(tmp_path):
+    """Training from a converted checkpoint reads its model config (r1v3_meta.json): a recipe of another shape is
+    refused naming each field; padding multiples compare by what they pad to."""
+    from megatron_r1v3.bridge.convert import check_checkpoint_model
+    from megatron_r1v3.bridge.random_hf import write_random_hf_checkpoint
+    from megatron_r1v3.config import ConfigError
+
+    hf = write_random_hf_checkpoint(tmp_path / "hf", tiny(), "native")
+    r1v3("convert", "hf-to-megatron", "--hf", hf, "--out", tmp_path / "meg")
+    same = tiny()  # the converter pads 4 ViT heads to 8 (the tiny preset: to 4)
+    same.vision.head_pad_multiple = 8
+    check_checkpoint_model(same, tmp_path / "meg")
+    same.vision.head_pad_multiple = 2
+    with pytest.raises(ConfigError, match=r"model.vision.padded_heads=4 but the checkpoint has 8"):
+        check_checkpoint_model(same, tmp_path / "meg")
+    other = tiny()
+    other.language.num_layers, other.vision.head_pad_multiple, other.image_context_token_id = 6, 8, 7
+    with pytest.raises(ConfigError) as err:
+        check_checkpoint_model(other, tmp_path / "meg")
+    assert "model.language.num_layers=6 but the checkpoint has 4" in str(err.value)
+    assert "model.image_context_token_id=7 but the checkpoint has 5" in str(err.value)

@@ -207,6 +207,43 @@ def read_meta(megatron_dir: str | Path) -> dict:
     return meta
 
 
+def check_checkpoint_model(model: ModelConfig, path: str | Path) -> None:
+    """The model a run builds must be the one a checkpoint holds (its `r1v3_meta.json`, written by conversion and
+    by every training checkpoint): ConfigError naming each differing `model.*` field. `path` may be a converted
+    dir, a training `step_*` dir or a run's checkpoints root (its `latest`). Checkpoints without metadata pass."""
+    root = Path(path)
+    if (root / "latest").is_file():
+        root = root / (root / "latest").read_text().strip()
+    if not (root / META).is_file():
+        return
+    saved = read_meta(root)["model"]
+    # the architecture and the splice token; padding multiples compare by what they pad to. Not compared: the
+    # preset name, training choices (recompute), init values (layer scale), tokenizer ids the data path checks.
+    keys = ("vision", "connector", "language", "image_context_token_id")
+    theirs, ours = ({k: as_dict(m)[k] for k in keys} for m in (saved, model))
+    ignored = {"activation_recompute", "layer_scale_init", "head_pad_multiple", "make_vocab_size_divisible_by"}
+    for mine, cfg in ((theirs, saved), (ours, model)):
+        mine["vision"]["padded_heads"] = cfg.vision.padded_heads
+        mine["language"]["padded_vocab_size"] = cfg.language.padded_vocab_size
+
+    def diffs(a: dict, b: dict, prefix: str) -> list[str]:
+        out = []
+        for key in sorted(set(a) | set(b)):
+            if key in ignored:
+                continue
+            x, y = a.get(key), b.get(key)
+            if isinstance(x, dict) and isinstance(y, dict):
+                out += diffs(x, y, f"{prefix}{key}.")
+            elif x != y:
+                out.append(f"{prefix}{key}={x!r} but the checkpoint has {y!r}")
+        return out
+
+    found = diffs(ours, theirs, "model.")
+    if found:
+        raise ConfigError(f"checkpoint.load={path} holds another model than the recipe builds ({root / META}): "
+                          + "; ".join(found) + " (set those fields, or pick the recipe's model preset that matches)")
+
+
 def megatron_to_hf(
     megatron_dir: str, out_dir: str, layout: str | None = None, tp: int = 1, pp: int = 1,
     max_shard_bytes: int = 5 * 2**30,

@@ -2,7 +2,8 @@
 
 Importing this package changes nothing. Entry points (the `r1v3` CLI, the test launcher's workers, the tools) call
 `setup_process()` first: it installs the CPU shim when CUDA is absent, so megatron-core's hard-coded CUDA calls run
-on CPU/gloo, and silences megatron's known benign notices. `init_parallel` calls it too, for library users.
+on CPU/gloo, silences megatron's known benign notices, and makes a rank of a launcher (torchrun, srun, the test
+launcher) end with it (`lifeline.py`). `init_parallel` calls it too, for library users.
 megatron-core itself is imported only when a process-group helper is first used.
 """
 
@@ -20,8 +21,11 @@ _CPU_ONLY = [".*(Transformer Engine and Apex are|Apex is) not installed", "When 
 
 
 def setup_process() -> bool:
-    """Warning filters + the CPU shim (a no-op with CUDA). Idempotent; returns whether the shim is active. Call it
-    before megatron-core is imported."""
+    """Warning filters + the CPU shim (a no-op with CUDA) + the launcher watch of a rank. Idempotent; returns whether
+    the shim is active. Call it before megatron-core is imported."""
+    from megatron_r1v3.parallel.lifeline import watch_launcher
+
+    watch_launcher()  # first: before the seconds of imports below
     import torch
 
     from megatron_r1v3.parallel.cpu_shim import apply_cpu_shim

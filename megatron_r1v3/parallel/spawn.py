@@ -2,7 +2,8 @@
 
 Used by the tests and tools: each rank records its phase (`set_phase`) in a file, so a run that exceeds its deadline
 is killed and reported as "rank R timed out in phase P" instead of hanging CI; a rank that raises is reported with
-its traceback; a rank that dies without a word is reported with its exit code and last phase.
+its traceback; a rank that dies without a word is reported with its exit code and last phase. Ranks end when this
+process does (`lifeline.py`), e.g. when CI kills the test run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megatron_r1v3.parallel.env import free_port
+from megatron_r1v3.parallel.lifeline import LAUNCHER_PID
 
 
 class DistributedFailure(RuntimeError):
@@ -43,13 +45,14 @@ def _worker(target, rank, world, port, phase_dir, env, results, kwargs) -> None:
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port), R1V3_PHASE_FILE=str(Path(phase_dir) / f"rank{rank}"),
     )
+    from megatron_r1v3.parallel import setup_process
+
+    setup_process()  # a rank: ends with this launcher; before the target's module can import megatron-core
     import torch
 
-    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
-    from megatron_r1v3.parallel import setup_process
     from megatron_r1v3.parallel.phase import set_phase
 
-    setup_process()  # before the target's module can import megatron-core
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
 
     set_phase("import")
     try:
@@ -98,7 +101,7 @@ def run_distributed(
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    child_env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    child_env = {"OMP_NUM_THREADS": "1", **(env or {}), LAUNCHER_PID: str(os.getpid())}
     with tempfile.TemporaryDirectory(prefix="r1v3-phase-") as phase_dir:
         procs = [
             ctx.Process(target=_worker, args=(target, r, nprocs, port, phase_dir, child_env, results, kwargs))

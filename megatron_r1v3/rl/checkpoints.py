@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+from megatron_r1v3.bridge.convert import check_checkpoint_model
 from megatron_r1v3.config import RunConfig
 from megatron_r1v3.data.sources import prepare_data
 from megatron_r1v3.models.build import build_model
@@ -46,6 +47,7 @@ def evaluate_checkpoints(cfg: RunConfig, paths: list[Path], out_dir: Path) -> li
     worker = start_rollouts(cfg, sources.tokenizer_dir, sources.tokenizer, out_dir / "vllm_model")
     results = []
     for path in paths:
+        check_checkpoint_model(cfg.model, path)
         load_initial_weights(chunks, str(path))
         refit_worker(worker, chunks, cfg)
         items_dir = out_dir / "items" / path.name if state.rank == 0 else None

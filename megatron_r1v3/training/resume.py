@@ -4,8 +4,14 @@ Layout of `<root>/step_00000042/`: `model/` (dist_checkpointing, any layout), `o
 per-(TP, PP) optimizer state; the distributed optimizer's Adam moments gathered to DP rank 0), `ranks/rank_<r>.pt`
 (RNG states and trainer extras such as the data position), `trainer_state.json`. A step is written into
 `step_….partial` and renamed when every rank is done; `latest` (a one-line file) is replaced last, so a kill at any
-moment leaves the previous checkpoint as `latest` and loadable. Resuming needs the same TP/PP/DP layout for the
-optimizer (the model part reshards freely).
+moment leaves the previous checkpoint as `latest` and loadable; stale `.partial` directories are removed when a run
+starts (`remove_stale_partials`) and a step directory left by a crash before `latest` moved is replaced.
+
+Resuming needs the layout the checkpoint was saved at (TP, PP, VPP, CP, DP and the distributed optimizer, recorded
+in `trainer_state.json`): the optimizer state and the per-rank data positions are bound to it; the model part
+reshards freely, so `checkpoint.load=<dir> checkpoint.resume=false` continues from its weights with a fresh
+optimizer. A checkpoint that cannot be resumed raises CheckpointError on every rank together: every file is read
+and checked before the first collective of the load.
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from megatron_r1v3.models.weights import load_model, save_model
+from megatron_r1v3.models.weights import CheckpointError, load_model, save_model
+from megatron_r1v3.parallel.agree import agree_on_errors, describe
+from megatron_r1v3.parallel.init import current_layout
 from megatron_r1v3.parallel.phase import set_phase
 
 LATEST = "latest"
+_REPLACED = ".replaced.partial"  # a committed step moved aside while a save of the same step commits
 
 
 def _step_dir(root: Path, step: int) -> Path:
@@ -98,14 +107,36 @@ def _megatron_legacy_load_fixes():
 
 
 def latest_step(root: str | Path) -> int | None:
-    """Step number `latest` points to, or None (no checkpoint yet)."""
+    """Step number `latest` points to, or None (no checkpoint yet). Local; raises CheckpointError when it names a
+    directory that does not exist."""
     path = Path(root) / LATEST
     if not path.is_file():
         return None
     name = path.read_text().strip()
-    if not (Path(root) / name).is_dir():
-        raise FileNotFoundError(f"{path} points to {name}, which does not exist")
+    if not (Path(root) / name / "trainer_state.json").is_file():
+        what = "is not a complete checkpoint" if (Path(root) / name).is_dir() else "does not exist"
+        raise CheckpointError(f"{path} names {name}, which {what} (move `latest` to an existing step_* directory"
+                              " or set checkpoint.resume=false)")
     return int(name.split("_")[1])
+
+
+def remove_stale_partials(root: str | Path) -> None:
+    """Delete `step_*.partial` directories (saves a kill interrupted). A complete step that a save of the same step
+    moved aside (`.replaced.partial`) and a kill left without its successor is moved back instead. Rank 0, before
+    any rank reads `root`."""
+    for aside in Path(root).glob(f"step_*{_REPLACED}"):
+        final = aside.with_name(aside.name.removesuffix(_REPLACED))
+        if not final.exists():
+            os.replace(aside, final)
+    for stale in Path(root).glob("step_*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def layout_record() -> dict:
+    """What the optimizer state and data positions of a checkpoint are bound to."""
+    layout = current_layout()
+    return {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp, "dp": layout.dp,
+            "label": layout.label()}
 
 
 def save_checkpoint(root: str | Path, step: int, chunks, optimizer, scheduler, extra: dict[str, Any] | None = None,
@@ -131,14 +162,20 @@ def save_checkpoint(root: str | Path, step: int, chunks, optimizer, scheduler, e
     torch.save({"rng": _rng_state(), "extra": extra or {}}, tmp / "ranks" / f"rank_{rank}.pt")
     dist.barrier()
     if rank == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict()}))
+        layout = {**layout_record(), "distributed_optimizer": _uses_distributed_optimizer(optimizer)}
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
+                                                            "layout": layout}))
         if describe is not None:
             describe(tmp)
+        replaced = final.with_name(final.name + _REPLACED)
+        if final.exists():  # left by a crash between the rename and `latest`, or saved again: the new one wins
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(tmp, final)
         pointer = root / (LATEST + ".tmp")
         pointer.write_text(final.name + "\n")
         os.replace(pointer, root / LATEST)  # the commit point
-        _prune(root, keep_last)
+        _prune(root, keep_last)  # removes `replaced` too
     dist.barrier()
     return final
 
@@ -150,35 +187,137 @@ def _uses_distributed_optimizer(optimizer) -> bool:
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    for stale in root.glob("step_*.partial"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_partials(root)
     steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
     for old in steps[: max(0, len(steps) - max(keep_last, 1))]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(root: str | Path, chunks, optimizer, scheduler) -> tuple[int, dict] | None:
-    """Collective. Restore the `latest` step into model, optimizer, scheduler and RNG; returns (step, extra)."""
-    step = latest_step(root)
-    if step is None:
+def _inferred_layout(path: Path) -> dict:
+    """The layout of a checkpoint written before layouts were recorded, from its file names (VPP/CP unknown)."""
+    tags = [f.stem.removeprefix("common_") for f in (path / "optimizer").glob("common_tp*_pp*.pt")]
+    tp = 1 + max((int(t.split("_")[0][2:]) for t in tags), default=0)
+    pp = 1 + max((int(t.split("_")[1][2:]) for t in tags), default=0)
+    world = len(list((path / "ranks").glob("rank_*.pt")))
+    layout = current_layout()
+    return {"tp": tp, "pp": pp, "vpp": layout.vpp, "cp": layout.cp, "dp": max(1, world // (tp * pp)),
+            "label": f"TP{tp}·PP{pp}·DP{max(1, world // (tp * pp))}"}
+
+
+def _layout_problem(path: Path, saved: dict | None, distributed: bool) -> str | None:
+    """Why this run cannot resume the optimizer state saved in `path` (None when it can)."""
+    now = {**layout_record(), "distributed_optimizer": distributed}
+    if saved is None:
+        saved = {**_inferred_layout(path), "distributed_optimizer": distributed}
+        now["label"] = saved["label"] if all(saved[k] == now[k] for k in ("tp", "pp", "dp")) else now["label"]
+    if all(saved.get(k) == v for k, v in now.items()):
         return None
-    path = _step_dir(Path(root), step)
-    load_model(chunks, path / "model")
-    set_phase(f"load optimizer step {step}")
+
+    def named(r: dict) -> str:
+        return r["label"] + (" (distributed optimizer)" if r.get("distributed_optimizer") else " (plain optimizer)")
+
+    return (f"{path} was saved at {named(saved)}, this run is {named(now)}: the optimizer state and data positions"
+            " resume only at the layout they were saved at. To continue from its weights with a fresh optimizer,"
+            f" start a run with checkpoint.load={path} checkpoint.resume=false (in a new output_dir, which keeps"
+            " this run's checkpoints)")
+
+
+def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
+    """Read one checkpoint file; CheckpointError naming it when it is missing or cut short."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return reader(path)
+    except Exception as exc:
+        first = describe(exc, CheckpointError).split(". ")[0]
+        raise CheckpointError(f"{path} is unreadable, truncated? ({first})") from exc
+
+
+def _torch_load(path: Path) -> Any:
+    return torch.load(path, weights_only=False)
+
+
+def _read_local_state(path: Path, optimizer) -> dict:
+    """Every file this rank needs, read before any collective (local; raises CheckpointError)."""
+    distributed = _uses_distributed_optimizer(optimizer)
+    state = _read(path / "trainer_state.json", lambda p: json.loads(p.read_text()))
+    problem = _layout_problem(path, state.get("layout"), distributed)
+    if problem:
+        raise CheckpointError(problem)
     tag = _layout_tag()
-    common = path / "optimizer" / f"common_{tag}.pt"
-    if not common.is_file():
-        raise FileNotFoundError(f"{common} missing: the optimizer state was saved at another TP/PP layout")
-    optimizer.load_state_dict(torch.load(common, weights_only=False))
-    if hasattr(optimizer, "load_parameter_state") and _uses_distributed_optimizer(optimizer):
-        # fp32 main params are views of the (grad-requiring) model params: megatron 0.16 copies into them
-        # in place, which autograd forbids outside no_grad.
-        with torch.no_grad(), _megatron_legacy_load_fixes():
-            optimizer.load_parameter_state(str(path / "optimizer" / f"params_{tag}.pt"))
+    files = {"state": state, "mine": _read(path / "ranks" / f"rank_{dist.get_rank()}.pt", _torch_load),
+             "common": _read(path / "optimizer" / f"common_{tag}.pt", _torch_load)}  # saved by DP rank 0, read by all
+    if distributed and ps.get_data_parallel_rank() == 0:  # DP rank 0 scatters the parameter state
+        files["params_file"] = path / "optimizer" / f"params_{tag}.pt"
+        files["params"] = _read(files["params_file"], _torch_load)
+    return files
+
+
+def _dp_zero_optimizers(optimizer) -> list:
+    return [o for o in _inner_optimizers(optimizer) if hasattr(o, "load_parameter_state_from_dp_zero")]
+
+
+def _parameter_states(optimizer, states) -> list:
+    """The per-optimizer entries of a `params_*.pt` file: one state dict, or a list for a chained optimizer."""
+    return [states] if len(_inner_optimizers(optimizer)) == 1 else list(states)
+
+
+def _parameter_state_size_problem(optimizer, states) -> str | None:
+    """megatron asserts the buffer sizes on DP rank 0 alone, inside the scatter the other ranks wait in (a hang):
+    compare them here (another trainable set or model gives other sizes)."""
+    try:
+        for opt, state in zip(_dp_zero_optimizers(optimizer), _parameter_states(optimizer, states)):
+            for i, ranges in enumerate(opt.gbuf_ranges):
+                for dtype in ranges:
+                    want, have = opt.buffers[i].numel_unpadded, state[i][dtype]["numel_unpadded"]
+                    if want != have:
+                        return (f"the optimizer state covers {have:,} parameter elements, this run trains {want:,}"
+                                " (another train.trainable set?)")
+    except (AttributeError, KeyError, IndexError, TypeError):  # another megatron-core layout of the file
+        return None
+    return None
+
+
+def _load_parameter_state(optimizer, states) -> None:
+    """Collective over DP: megatron's `load_parameter_state` minus its own file read (done earlier, by us)."""
+    opts = _dp_zero_optimizers(optimizer)
+    entries = _parameter_states(optimizer, states) if states is not None else [None] * len(opts)
+    # fp32 main params are views of the (grad-requiring) model params: megatron 0.16 copies into them
+    # in place, which autograd forbids outside no_grad.
+    with torch.no_grad(), _megatron_legacy_load_fixes():
+        for opt, state in zip(opts, entries):
+            if not getattr(opt, "is_stub_optimizer", False):
+                opt.load_parameter_state_from_dp_zero(state)
+
+
+def load_checkpoint(root: str | Path, step: int, chunks, optimizer, scheduler) -> tuple[int, dict]:
+    """Collective. Restore step `step` (rank 0's `latest_step`, shared by every rank) into model, optimizer,
+    scheduler and RNG; returns (step, extra). Raises CheckpointError on every rank when it cannot."""
+    path = _step_dir(Path(root), step)
+    set_phase(f"read checkpoint step {step}")
+    try:
+        files, problem = _read_local_state(path, optimizer), None
+    except CheckpointError as exc:
+        files, problem = {}, exc
+    agree_on_errors(problem, CheckpointError)
+    load_model(chunks, path / "model")  # names tensors of another shape (another model) itself
+    set_phase(f"load optimizer step {step}")
+    try:  # local: the optimizer's own structure against the files (another trainable set fails here)
+        size = _parameter_state_size_problem(optimizer, files["params"]) if "params" in files else None
+        if size:
+            raise CheckpointError(f"{files['params_file']}: {size}")
+        optimizer.load_state_dict(files["common"])
+        problem = None
+    except CheckpointError as exc:
+        problem = exc
+    except Exception as exc:
+        problem = CheckpointError(f"{path / 'optimizer'} does not fit this run's optimizer (another"
+                                  f" train.trainable set?): {describe(exc, CheckpointError)}")
+    agree_on_errors(problem, CheckpointError)
+    if _uses_distributed_optimizer(optimizer):
+        _load_parameter_state(optimizer, files.get("params"))
     _unshare_adam_steps(optimizer)
-    state = json.loads((path / "trainer_state.json").read_text())
-    scheduler.load_state_dict(state["scheduler"])
-    mine = torch.load(path / "ranks" / f"rank_{dist.get_rank()}.pt", weights_only=False)
-    _set_rng_state(mine["rng"])
+    scheduler.load_state_dict(files["state"]["scheduler"])
+    _set_rng_state(files["mine"]["rng"])
     dist.barrier()
-    return state["step"], mine["extra"]
+    return files["state"]["step"], files["mine"]["extra"]

