@@ -47,6 +47,7 @@ from megatron_r1v3.config import (
     dtype_name,
     torch_dtype,
 )
+from megatron_r1v3.parallel.agree import agree_on_errors
 from megatron_r1v3.parallel.layout import ParallelLayout
 
 META = "r1v3_meta.json"
@@ -58,19 +59,6 @@ class ConversionError(RuntimeError):
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def agree_on_errors(exc: BaseException | None) -> None:
-    """Collective: if any rank failed, every rank raises the same ConversionError (no rank waits forever)."""
-    msg = None if exc is None else f"{type(exc).__name__}: {exc}"
-    msgs = [msg]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        msgs = [None] * dist.get_world_size()
-        dist.all_gather_object(msgs, msg)
-    failed = sorted({m for m in msgs if m})
-    if failed:
-        where = [f"rank {r}" for r, m in enumerate(msgs) if m]
-        raise ConversionError(f"{'; '.join(failed)} ({', '.join(where)})") from exc
 
 
 def _barrier() -> None:
@@ -85,7 +73,7 @@ def atomic_output_dir(out: Path):
     err = None
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         err = ConversionError(f"output {out} already exists and is not empty; refusing to overwrite")
-    agree_on_errors(err)
+    agree_on_errors(err, ConversionError)
     tmp = out.parent / f".{out.name}.partial"
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -277,7 +265,7 @@ def megatron_to_hf(
             else:
                 writer.close()
                 _write_hf_config(tmp, assets, model, layout, meta.get("source_layout"), dtype)
-        agree_on_errors(err)
+        agree_on_errors(err, ConversionError)
     return {"tensors": len(writer.written) if writer else 0}
 
 
