@@ -55,8 +55,10 @@ slurm-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
 	else echo "slurm-deps: not root or no apt-get: the Slurm tests will be skipped"; fi
 
+# tests/rollout runs only in the vLLM venv, so R1V3_REQUIRE=vllm (.ci/run) is enforced there and the main venv's
+# run has no vLLM-only test to skip.
 test: $(STAMP) slurm-deps $(VLLM_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --ignore=tests/rollout
 	$(VLLM_PY) -m pytest -q tests/rollout
 
 # The whole R1V3 recipe on the tiny VLM and the embedded toy task (colour / shape questions), CPU only, one
@@ -94,6 +96,8 @@ demo: $(STAMP) $(VLLM_STAMP)
 	$(R1V3) convert megatron-to-hf --megatron $(DEMO_DIR)/connector/checkpoints/$$(cat $(DEMO_DIR)/connector/checkpoints/latest) \
 		--out $(DEMO_DIR)/hf --layout native
 	$(PY) tools/demo_report.py $(DEMO_DIR)
+	@echo "[demo] the exported directory served by vLLM as a user would (its chat template, processor, generation config)"
+	$(VLLM_PY) tools/serve_check.py $(DEMO_DIR)/hf --data $(DEMO_DIR)/toy/val.jsonl --n 1
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check megatron_r1v3 tests tools

@@ -15,7 +15,7 @@ import time
 from functools import partial
 from typing import Optional
 
-from megatron_r1v3.config import ConfigError, RunConfig
+from megatron_r1v3.config import ConfigError, RunConfig, prompt_token_budget
 from megatron_r1v3.parallel import setup_process
 from megatron_r1v3.parallel.layout import ParallelLayout
 from megatron_r1v3.parallel.lifeline import LAUNCHER_PID
@@ -133,22 +133,25 @@ def _size(text: str) -> int:
 
 def cmd_convert(args) -> int:
     """HF -> Megatron: one process for any target TP/PP. Megatron -> HF: tp*pp processes (re-launched under
-    torchrun when needed)."""
+    torchrun when needed), a servable directory unless --weights-only."""
     if args.direction == "megatron-to-hf":
         maybe_relaunch(args.tp * args.pp, sys.argv[1:])
     elif not _is_rank0():
         return 0  # launched on several ranks (srun/torchrun): rank 0 converts alone
-    from megatron_r1v3.bridge.convert import ConversionError, hf_to_megatron, megatron_to_hf
+    from megatron_r1v3.bridge.convert import ConversionError, hf_to_megatron
     from megatron_r1v3.bridge.hf_io import HFFormatError
     from megatron_r1v3.bridge.mapping import MappingError
+    from megatron_r1v3.data.tokenizer import TokenizerError
+    from megatron_r1v3.rollout.hf_export import ServableError
 
     t0 = time.perf_counter()
     try:
         if args.direction == "hf-to-megatron":
             out = hf_to_megatron(args.hf, args.out, args.tp, args.pp, args.vpp)
         else:
-            out = megatron_to_hf(args.megatron, args.out, args.layout, args.tp, args.pp, _size(args.max_shard_size))
-    except (ConversionError, MappingError, HFFormatError, FileNotFoundError) as exc:
+            out = _export_hf(args)
+    except (ConversionError, MappingError, HFFormatError, FileNotFoundError, ServableError, TokenizerError,
+            ConfigError) as exc:
         print(f"r1v3 convert: error: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -160,7 +163,74 @@ def cmd_convert(args) -> int:
         print(f"[r1v3] {args.direction}: {out['tensors']} tensors -> {args.out} in {time.perf_counter() - t0:.1f}s")
         if "seconds" in out:
             print("[r1v3] phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in out["seconds"].items()))
+        if "serving" in out:
+            print(f"[r1v3] servable: {out['serving']}")
     return 0
+
+
+def _serving_settings(args, model):
+    """(ServingSettings, where from): --config (a recipe or a run's config.yaml), else the run's config.yaml above
+    a `<run>/checkpoints/step_N` directory; the recipe's model must be the checkpoint's."""
+    from pathlib import Path
+
+    from megatron_r1v3.bridge.convert import check_checkpoint_model
+    from megatron_r1v3.rollout.hf_export import ServingSettings
+
+    ckpt = Path(args.megatron)
+    found = [p for p in (ckpt / "config.yaml", ckpt.parent / "config.yaml", ckpt.parent.parent / "config.yaml")
+             if p.is_file()]
+    path = Path(args.config) if args.config else (found[0] if found else None)
+    if path is None:
+        return ServingSettings(), "defaults (no --config and no run config.yaml above the checkpoint)"
+    if not path.is_file():
+        raise ConfigError(f"--config {path} does not exist")
+    cfg = load_config(path)
+    check_checkpoint_model(cfg.model, ckpt)
+    return ServingSettings.from_run(cfg), str(path)
+
+
+def _export_hf(args) -> dict:
+    """Collective megatron -> HF into a hidden staging directory; rank 0 then adds the serving files (tokenizer,
+    processor, chat template, generation config: `rollout.hf_export`, the rollout engine's own writer) and renames
+    it to --out. What would make the directory unservable is checked first; nothing is left at --out on failure."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from megatron_r1v3.bridge.convert import ConversionError, megatron_to_hf, read_meta
+    from megatron_r1v3.rollout.hf_export import check_servable, write_serving_files
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConversionError(f"output {out} already exists and is not empty; refusing to overwrite")
+    if args.weights_only:
+        return megatron_to_hf(args.megatron, args.out, args.layout, args.tp, args.pp, _size(args.max_shard_size))
+    meta = read_meta(args.megatron)
+    layout = args.layout or meta.get("source_layout") or "native"
+    serving, source = _serving_settings(args, meta["model"])
+    assets = Path(args.megatron) / "hf_assets"
+    original = assets / "config.json"
+    source_config = json.loads(original.read_text()) if layout == meta.get("source_layout") and original.is_file() \
+        else {}
+    check_servable(meta["model"], args.tokenizer or assets, layout, assets, source_config)  # before converting
+    staging = out.parent / f".{out.name}.export"
+    if _is_rank0():
+        shutil.rmtree(staging, ignore_errors=True)
+    result = megatron_to_hf(args.megatron, str(staging), layout, args.tp, args.pp, _size(args.max_shard_size))
+    if not _is_rank0():
+        return result
+    try:
+        tokenizer = Path(args.tokenizer) if args.tokenizer else staging
+        written = write_serving_files(staging, meta["model"], tokenizer, serving, layout)
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result["serving"] = (f"{', '.join(written)}; tiling and sampling from {source} (max_tiles {serving.max_tiles},"
+                         f" temperature {serving.temperature}, top_p {serving.top_p})")
+    return result
 
 
 def cmd_compare_hf(args) -> int:
@@ -258,38 +328,65 @@ def cmd_rl(args) -> int:
 
 
 def _eval_config(args) -> RunConfig:
+    """The recipe with the eval flags applied. `eval` scores every item unless `--limit N` (a `rl.eval_prompts=K`
+    override still counts, the flag wins); `--max-new-tokens N` is the whole budget (the length schedule, a
+    training knob, is cleared so its longest entry cannot raise it)."""
     overrides = list(args.overrides)
+    if args.command == "eval":
+        overrides.insert(0, "rl.eval_prompts=0")  # all items; user overrides and --limit come later and win
+        if args.limit is not None:
+            if args.limit < 0:
+                raise ConfigError(f"--limit={args.limit} must be >= 0 (0 = every item)")
+            overrides.append(f"rl.eval_prompts={args.limit}")
     if args.data:
         overrides.append(f"data.val=[{args.data}]")
     if args.samples:
         overrides.append(f"rl.eval_samples={args.samples}")
     if args.temperature is not None:
         overrides.append(f"rl.eval_temperature={args.temperature}")
-    if args.max_tokens:
-        overrides.append(f"rl.max_response_tokens={args.max_tokens}")
+    if args.max_new_tokens is not None:
+        if args.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+        overrides += [f"rl.max_response_tokens={args.max_new_tokens}", "rl.length_schedule=[]"]
     args.overrides = overrides
     return _load(args)
 
 
 def cmd_eval(args) -> int:
-    """avg@k of one checkpoint on a JSONL of (images, question, answer) with vLLM; per-item JSONL + summary."""
+    """avg@k of one checkpoint on held-out records or a benchmark file with vLLM; per-item JSONL + summary (with
+    the budget used and the prompts skipped as over `rl.max_prompt_tokens`)."""
     cfg = _eval_config(args)
     maybe_relaunch(args.nproc or processes_needed(cfg), sys.argv[1:])
+    import json
     from pathlib import Path
 
+    from megatron_r1v3.data.records import RecordError
+    from megatron_r1v3.data.tokenizer import TokenizerError
     from megatron_r1v3.parallel import destroy_parallel
     from megatron_r1v3.rl.checkpoints import checkpoint_dirs, evaluate_checkpoints, table, write_json
+    from megatron_r1v3.rl.evaluate import skipped_path
 
     out = Path(args.out)
-    results = _run_loop("eval", partial(evaluate_checkpoints, paths=checkpoint_dirs(args.checkpoint)[-1:],
-                                        out_dir=out), cfg)
+    try:
+        results = _run_loop("eval", partial(evaluate_checkpoints, paths=checkpoint_dirs(args.checkpoint)[-1:],
+                                            out_dir=out), cfg)
+    except (RecordError, TokenizerError, FileNotFoundError) as exc:  # a bad benchmark row, nothing that fits,
+        print(f"r1v3 eval: error: {exc}", file=sys.stderr)  # an unusable tokenizer, no checkpoint or data file
+        return 1
     if isinstance(results, int):
         return results
     if _is_rank0():
-        write_json(out / "summary.json", results[0])
+        summary = dict(results[0])
+        listed = skipped_path(out / "items" / Path(summary["checkpoint"]).name, 0)
+        summary["skipped"] = [json.loads(x) for x in listed.read_text().splitlines()] if listed.is_file() else []
+        write_json(out / "summary.json", summary)
         print(table(results))
-        print(f"[eval] avg@{cfg.rl.eval_samples} accuracy {results[0]['accuracy']:.4f} "
-              f"(T={cfg.rl.eval_temperature}); per-item answers in {out / 'items'}")
+        print(f"[eval] avg@{cfg.rl.eval_samples} accuracy {summary['accuracy']:.4f} on {summary['prompts']:.0f} items"
+              f" (T={cfg.rl.eval_temperature}, max_new_tokens={summary['max_new_tokens']:.0f}, truncated "
+              f"{summary['truncated']:.1%}); skipped {len(summary['skipped'])} over rl.max_prompt_tokens="
+              f"{prompt_token_budget(cfg)}" + "".join(f"\n[eval] skipped {s['id']} ({s['source']}): {s['reason']}"
+                                                     for s in summary["skipped"])
+              + f"\n[eval] per-item answers in {out / 'items'}, summary in {out / 'summary.json'}")
     destroy_parallel()
     return 0
 
@@ -353,10 +450,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--words", default=None, help="critical words, comma-separated (rl.critical_tokens)")
             p.add_argument("--prefer", choices=["high", "low"], default="high")
             p.add_argument("--next-token", action="store_true", help="rank by the entropy one token later")
-        p.add_argument("--data", default=None, help="held-out JSONL (default: the recipe's data.val)")
+        p.add_argument("--data", default=None, help="held-out JSONL/Parquet: our records or a benchmark export"
+                       " (MMMU/MathVista layout, data/benchmark.py); default: the recipe's data.val")
         p.add_argument("--samples", type=int, default=None, help="k of avg@k (rl.eval_samples)")
         p.add_argument("--temperature", type=float, default=None)
-        p.add_argument("--max-tokens", type=int, default=None)
+        p.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=None,
+                       help="response budget; replaces rl.max_response_tokens and the length schedule")
+        if name == "eval":
+            p.add_argument("--limit", type=int, default=None,
+                           help="score the first N items (default / 0: every item of the data)")
         p.add_argument("--out", required=True)
         p.set_defaults(func=fn)
 
@@ -370,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--megatron", required=True)
     q.add_argument("--layout", choices=["remote", "native"], default=None, help="default: the source layout")
     q.add_argument("--max-shard-size", default="5GB")
+    q.add_argument("--config", default=None, help="the run's recipe or config.yaml (tiling, sampling defaults);"
+                   " default: <run>/config.yaml above a <run>/checkpoints/step_N checkpoint")
+    q.add_argument("--tokenizer", default=None, help="HF tokenizer dir (default: the checkpoint's hf_assets)")
+    q.add_argument("--weights-only", action="store_true",
+                   help="weights, config.json and the checkpoint's assets only (not servable: no processor, chat"
+                   " template or generation config are written)")
     q.set_defaults(func=cmd_convert)
     for sp in (p, q):
         sp.add_argument("--out", required=True)

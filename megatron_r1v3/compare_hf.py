@@ -64,7 +64,10 @@ def build_inputs(model: ModelConfig, hf_dir: Path, image: str | None, prompt: st
 
 def compare_hf(hf_dir: str, megatron_dir: str, tp: int = 1, pp: int = 1, image: str | None = None,
                prompt: str | None = None) -> float:
-    """Collective over tp*pp ranks; returns max |logit_hf - logit_megatron| (fp32) on every rank."""
+    """Collective over tp*pp ranks; returns max |logit_hf - logit_megatron| (fp32) on every rank.
+
+    Raises on every rank when no rank compared logits: 0.0 from an empty comparison must not read as parity.
+    """
     meta = read_meta(megatron_dir)
     model = meta["model"]
     cfg = conversion_run_config(model, torch.float32, tp, pp, None)
@@ -81,8 +84,13 @@ def compare_hf(hf_dir: str, megatron_dir: str, tp: int = 1, pp: int = 1, image: 
     set_phase("compare-hf: megatron forward")
     batch = {"input_ids": ids, "pixel_values": pixels, "labels": ids, "loss_mask": torch.ones_like(ids)}
     logits = forward_logits(chunks, [batch], vocab)
-    diff = torch.zeros(1, device=device)
+    diff, compared = torch.zeros(1, device=device), torch.zeros(1, device=device)
     if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
-        diff = (logits[0][0].float() - ref).abs().max().reshape(1)
+        diff, compared = (logits[0][0].float() - ref).abs().max().reshape(1), torch.ones(1, device=device)
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    dist.all_reduce(compared)
+    expected = dist.get_world_size() // (tp * pp)  # TP rank 0 of the last stage, once per data-parallel replica
+    if int(compared.item()) != expected:
+        raise RuntimeError(f"compare-hf: {int(compared.item())} ranks compared logits, expected {expected} "
+                           "(TP rank 0 of the last pipeline stage)")
     return float(diff)

@@ -266,11 +266,21 @@ class RLConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2  # > eps_low = clip-higher (DAPO)
     old_logprobs: str = "recompute"  # recompute (trainer forward before the update, as verl) | rollout (vLLM's)
+    # importance correction of the engine-vs-trainer mismatch (and of buffer replays' older policy), per token with
+    # w = pi_old_train / pi_rollout: none | tis (weight min(w, cap)) | mis (drop tokens outside [1/cap, cap])
+    rollout_correction: str = "none"
+    rollout_correction_cap: float = 2.0
+    # > 0: the episode's microbatches hold as many consecutive rows as fit this many tokens, each padded to its own
+    # longest row (train.micro_batch_size rows at most); 0: train.micro_batch_size rows padded to the episode's longest
+    micro_batch_tokens: int = 0
+    share_vision: bool = True  # a group's rows share one ViT + connector forward of their image set (rl/batch.py)
     agg: str = "seq-mean-token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
     kl_coef: float = 0.0  # > 0: k3 KL to a frozen copy of the initial policy
     entropy_coef: float = 0.0
     w_acc: float = 0.8
     w_fmt: float = 0.2
+    reward_workers: int = 4  # processes scoring rewards (rl/scoring.py); 0 = in the trainer's process
+    reward_timeout_s: float = 10.0  # per response; over it (or hostile: NUL bytes, huge box) it scores 0, counted
     verifier_model: Optional[str] = None  # HF chat model dir for the LLM answer judge (second vLLM engine); off
     std_unbiased: bool = True
     normalize_std: bool = True
@@ -290,7 +300,12 @@ class RLConfig:
     kv_cache_mb: int = 256  # vLLM-CPU KV cache
     gpu_memory_utilization: float = 0.5  # vLLM on GPU (colocated: leave room for the trainer)
     rollout_dtype: str = "auto"  # vLLM's weights/activations: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    max_prompt_tokens: int = 1024  # after image expansion; longer prompts are skipped and counted
+    # 0: one vLLM engine in-process on rank 0 (TP1). N >= 1: SPMD engines, world/N of them, each over N consecutive
+    # ranks (vLLM external launcher), dummy start, per-engine-rank freeze-aware refit (rollout/engine_group.py)
+    rollout_tp: int = 0
+    # after image expansion; longer prompts are skipped, counted and named (never sent to vLLM). None: one
+    # full-tile image plus PROMPT_TEXT_TOKENS of text (`prompt_token_budget`: 4,354 for the 38B at 12 tiles)
+    max_prompt_tokens: Optional[int] = None
     pixel_cache_mb: int = 1024  # per process and prompt set: LRU cache of prompt tiles (held-out prompts, replays)
 
 
@@ -350,7 +365,7 @@ def field_errors(cfg: RunConfig) -> list[str]:
         errors.append(f"data.toy_kind={d.toy_kind!r} must be sft, pretrain or mixed")
     if d.decoder not in ("dali", "pillow"):
         errors.append(f"data.decoder={d.decoder!r} must be dali or pillow")
-    return errors + _rl_errors(cfg.rl)
+    return errors + _rl_errors(cfg.rl) + _prompt_budget_errors(cfg)
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -361,14 +376,58 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+PROMPT_TEXT_TOKENS = 1024  # text room of the derived rl.max_prompt_tokens (template, question, options)
+PROMPT_TEXT_MIN = 64  # an explicit rl.max_prompt_tokens leaves at least this much text beside a full-tile image
+
+
+def full_image_tokens(cfg: RunConfig) -> int:
+    """Prompt tokens of one image at `data.max_tiles`: the tiles, the thumbnail the engine's processor adds to any
+    multi-tile image, `tokens_per_tile` each, plus `<img>`/`</img>` (3,330 for the 38B at 12 tiles)."""
+    tiles = cfg.data.max_tiles + (1 if cfg.data.max_tiles > 1 else 0)
+    return tiles * cfg.model.tokens_per_tile + 2
+
+
+def prompt_token_budget(cfg: RunConfig) -> int:
+    """`rl.max_prompt_tokens`, or when unset one full-tile image plus PROMPT_TEXT_TOKENS of text."""
+    if cfg.rl.max_prompt_tokens is not None:
+        return cfg.rl.max_prompt_tokens
+    return full_image_tokens(cfg) + PROMPT_TEXT_TOKENS
+
+
+def _prompt_budget_errors(cfg: RunConfig) -> list[str]:
+    """A set `rl.max_prompt_tokens` must hold one full-tile prompt, else every large image would be skipped."""
+    budget = cfg.rl.max_prompt_tokens
+    if budget is None:
+        return []
+    need = full_image_tokens(cfg) + PROMPT_TEXT_MIN
+    if budget < need:
+        return [f"rl.max_prompt_tokens={budget} cannot hold one full-tile prompt: data.max_tiles="
+                f"{cfg.data.max_tiles} (+1 thumbnail) x {cfg.model.tokens_per_tile} tokens per tile (model.vision"
+                f".image_size/patch_size, model.connector.downsample_ratio) + 2 = {full_image_tokens(cfg)} image"
+                f" tokens, plus {PROMPT_TEXT_MIN} of text = {need}; raise it or leave it unset (derived:"
+                f" {full_image_tokens(cfg) + PROMPT_TEXT_TOKENS})"]
+    return []
+
+
 def _rl_errors(r: RLConfig) -> list[str]:
     errors = []
     if r.agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
         errors.append(f"rl.agg={r.agg!r} must be token-mean, seq-mean-token-mean or seq-mean-token-sum")
     if r.old_logprobs not in ("recompute", "rollout"):
         errors.append(f"rl.old_logprobs={r.old_logprobs!r} must be recompute or rollout")
+    if r.rollout_correction not in ("none", "tis", "mis"):
+        errors.append(f"rl.rollout_correction={r.rollout_correction!r} must be none, tis or mis")
+    elif r.rollout_correction != "none" and r.old_logprobs != "recompute":
+        errors.append(f"rl.rollout_correction={r.rollout_correction} needs rl.old_logprobs=recompute (with"
+                      f" old_logprobs={r.old_logprobs} pi_old is the engine's own and every weight is 1)")
+    if r.micro_batch_tokens < 0:
+        errors.append(f"rl.micro_batch_tokens={r.micro_batch_tokens} must be >= 0 (0: train.micro_batch_size rows)")
+    if r.rollout_correction_cap <= 1.0:
+        errors.append(f"rl.rollout_correction_cap={r.rollout_correction_cap} must be > 1")
     if r.rollout_dtype not in ("auto", "fp32", "bf16"):
         errors.append(f"rl.rollout_dtype={r.rollout_dtype!r} must be auto, fp32 or bf16")
+    if r.rollout_tp < 0:
+        errors.append(f"rl.rollout_tp={r.rollout_tp} must be 0 (one engine on rank 0) or the engines' TP size >= 1")
     if r.prompts_per_step < 1 or r.samples_per_prompt < 2:
         errors.append(f"rl.prompts_per_step={r.prompts_per_step} must be >= 1 and rl.samples_per_prompt="
                       f"{r.samples_per_prompt} >= 2 (a group of one has no advantage)")
@@ -407,6 +466,8 @@ __all__ = [
     "dtype_bytes",
     "dtype_name",
     "field_errors",
+    "full_image_tokens",
+    "prompt_token_budget",
     "to_yaml",
     "torch_dtype",
     "validate",

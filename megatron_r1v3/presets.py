@@ -50,7 +50,21 @@ def tiny() -> ModelConfig:
     )
 
 
-PRESETS = {"r1v3-38b": r1v3_38b, "tiny": tiny}
+def tiny_qwen() -> ModelConfig:
+    """The `tiny` shapes with Qwen2.5 / Skywork-R1V3's token ids and vocab (151674; `<|endoftext|>` 151643 is pad
+    and bos, `<|im_end|>` 151645 eos, `<img>`/`</img>`/`<IMG_CONTEXT>` 151665-151667): runs the whole recipe on CPU
+    with a tokenizer in the real layout (`data.tokenizer`; tests build one offline)."""
+    base = tiny()
+    defaults = ModelConfig()
+    base.preset = "tiny-qwen"
+    base.language.vocab_size = defaults.language.vocab_size
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id", "image_start_token_id", "image_end_token_id",
+                "image_context_token_id"):
+        setattr(base, key, getattr(defaults, key))
+    return base
+
+
+PRESETS = {"r1v3-38b": r1v3_38b, "tiny": tiny, "tiny-qwen": tiny_qwen}
 
 
 def get_preset(name: str) -> ModelConfig:

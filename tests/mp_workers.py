@@ -34,6 +34,60 @@ def _logits(cfg, chunks, batches):
     return forward_logits(chunks, batches, cfg.model.language.vocab_size)
 
 
+def _packed_batches(cfg, num=2):
+    """Packed microbatches `[2, 48]` laid out as `SFTBatchIterator(pack=True)` does: two random one-tile image samples
+    per row, then a padding segment; cu_seqlens over the flattened tokens, positions restarting per segment."""
+    from megatron_r1v3.training.random_batch import random_microbatches
+
+    b, s, out = 2, 48, []
+    for k in range(num):
+        ids = torch.full((b, s), cfg.model.pad_token_id)
+        labels, mask, pos = ids.clone(), torch.zeros(b, s), torch.zeros(b, s, dtype=torch.int64)
+        starts, pixels = [], []
+        for r, lengths in enumerate(((20, 14), (17, 22))):
+            off = 0
+            for j, n in enumerate(lengths):
+                one = random_microbatches(cfg.model, 1, 1, n, 1, seed=100 + 4 * k + 2 * r + j)[0]
+                ids[r, off : off + n], labels[r, off : off + n] = one["input_ids"][0], one["labels"][0]
+                mask[r, off : off + n], pos[r, off : off + n] = one["loss_mask"][0], torch.arange(n)
+                starts.append(r * s + off)
+                pixels.append(one["pixel_values"])
+                off += n
+            starts.append(r * s + off)
+            pos[r, off:] = torch.arange(s - off)
+        cu = torch.tensor([*starts, b * s], dtype=torch.int32)
+        out.append({"input_ids": ids, "labels": labels, "loss_mask": mask, "pixel_values": torch.cat(pixels),
+                    "position_ids": pos, "cu_seqlens": cu, "max_seqlen": int((cu[1:] - cu[:-1]).max()),
+                    "packed": True})
+    return out
+
+
+def packed_parity(workdir: str, overrides: list[str]) -> dict:
+    """Packed (THD) microbatches at this layout from the TP1 checkpoint: max |logit diff| vs the TP1 reference's
+    packed logits (p2p shape [b*s, 1, h] through the pipeline); raises past 1e-5 or when no rank compared."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_r1v3.models.build import build_model
+    from megatron_r1v3.models.weights import load_model
+
+    cfg, state = _setup(overrides)
+    chunks = build_model(cfg)
+    load_model(chunks, f"{workdir}/ckpt")
+    logits = _logits(cfg, chunks, _packed_batches(cfg))
+    diff, compared = torch.tensor([0.0]), torch.tensor([0.0])
+    if logits is not None:
+        diff = (torch.stack(logits) - torch.load(f"{workdir}/reference.pt")["logits_packed"]).abs().max().reshape(1)
+        compared += 1
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    dist.all_reduce(compared)
+    ps.destroy_model_parallel()
+    result = {"max_abs_diff": float(diff), "ranks_compared": int(compared), "tp": state.tp, "pp": state.pp}
+    if result["ranks_compared"] < 1 or result["max_abs_diff"] > 1e-5:
+        raise AssertionError(f"packed logits at {overrides} differ from TP1: {result}")
+    return result
+
+
 def reference(workdir: str) -> dict:
     """TP1 model: logits + checkpoint; plus the 3-head ViT unpadded, and padded at TP1 from the same weights."""
     from megatron_r1v3.bridge.mapping import pad_heads
@@ -44,6 +98,7 @@ def reference(workdir: str) -> dict:
     cfg, _ = _setup([])
     chunks = build_model(cfg)
     out["logits"] = torch.cat(_logits(cfg, chunks, _batches(cfg)))
+    out["logits_packed"] = torch.stack(_logits(cfg, chunks, _packed_batches(cfg)))
     save_model(chunks, f"{workdir}/ckpt")
 
     cfg_u, _ = _setup([*TINY_VIT_PADDED, "model.vision.head_pad_multiple=1"])
@@ -77,7 +132,10 @@ LAYOUTS = [
 
 
 def parity(workdir: str, layouts: list[str]) -> dict:
-    """Each layout: load the TP1 checkpoint, forward this DP rank's share of the batches, max |diff| vs reference."""
+    """Each layout: load the TP1 checkpoint, forward this DP rank's share of the batches, max |diff| vs reference.
+
+    Also counts the ranks that compared logits and the samples they compared (summed over ranks), so a run in
+    which no rank held logits (diff stays 0) cannot pass as parity."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -96,11 +154,15 @@ def parity(workdir: str, layouts: list[str]) -> dict:
         mine = list(range(len(_batches(cfg))))[state.dp_rank :: state.dp]
         batches = _batches(cfg)
         logits = _logits(cfg, chunks, [batches[i] for i in mine])
-        diff = torch.tensor([0.0])
+        diff, compared = torch.tensor([0.0]), torch.tensor([0.0, 0.0])
         if logits is not None:
             diff = (torch.cat(logits) - ref[ref_key][mine]).abs().max().reshape(1)
+            compared = torch.tensor([1.0, float(len(logits))])
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-        result[name] = {"max_abs_diff": float(diff), "dp": state.dp, "tp": state.tp, "pp": state.pp}
+        dist.all_reduce(compared)
+        result[name] = {"max_abs_diff": float(diff), "dp": state.dp, "tp": state.tp, "pp": state.pp,
+                        "ranks_compared": int(compared[0]), "samples_compared": int(compared[1]),
+                        "samples": len(batches)}
         del chunks
         set_phase(f"parity {name}: done")
     ps.destroy_model_parallel()
@@ -184,16 +246,17 @@ def reference_with_optimizer(workdir: str) -> dict:
 
 def four_rank_checks(workdir: str) -> dict:
     """At world size 4: TP2·PP2 (DP1) logits parity, then one optimizer step at TP2·DP2 with SGD (also with sequence
-    parallel) and with Adam (distributed optimizer), and one Adam step at TP2·PP2 (pipelined backward +
-    embedding-group grad sync)."""
+    parallel) and with Adam (distributed optimizer), and one SGD step at TP2·PP2 (pipelined backward +
+    embedding-group grad sync; SGD because Adam's first step, ~lr*sign(g), hides gradient-scale errors)."""
     out = parity(workdir, ["tp2_pp2"])
+    out["packed_tp2_pp2_sp"] = packed_parity(workdir, ["parallel.tensor=2", "parallel.pipeline=2",
+                                                       "parallel.sequence_parallel=true"])
     out["sgd_tp2_dp2"] = optimizer_step(workdir, ["parallel.tensor=2", *SGD], "sgd", compare=True)
     out["sgd_tp2_sp_dp2"] = optimizer_step(workdir, ["parallel.tensor=2", "parallel.sequence_parallel=true", *SGD],
                                            "sgd", compare=True)
     out["adam_tp2_dp2"] = optimizer_step(workdir, ["parallel.tensor=2", *ADAM], "adam", compare=True)
-    out["adam_tp2_pp2"] = optimizer_step(
-        workdir, ["parallel.tensor=2", "parallel.pipeline=2", *ADAM], "adam", compare=True
-    )
+    out["sgd_tp2_pp2"] = optimizer_step(workdir, ["parallel.tensor=2", "parallel.pipeline=2", *SGD], "sgd",
+                                        compare=True)
     return out
 
 
@@ -220,18 +283,19 @@ def sharded_layout(megatron_dir: str, tp: int, pp: int) -> dict:
     return {"tensors": tensors, "objects": objects}
 
 
-def _rl_microbatches(cfg, state):
-    """A GRPO episode without vLLM: 4 rows (2 prompts x 2 responses) with image tokens, advantages and behaviour
-    logprobs, as `rl.batch.episode_microbatches` builds them for this DP rank."""
+def _rl_microbatches(cfg, state, share_vision: bool = True):
+    """A GRPO episode without vLLM: 4 rows (2 prompts x 2 responses of 5, 9, 13, 17 tokens) with image tokens,
+    advantages and behaviour logprobs, as `rl.batch.episode_microbatches` builds them for this DP rank (2 rows per
+    microbatch, or by `rl.micro_batch_tokens`)."""
     from megatron_r1v3.rl.batch import Rollout, episode_microbatches
 
     g = torch.Generator().manual_seed(11)
     m, n_img = cfg.model, 2 * cfg.model.tokens_per_tile
     prompt = [m.image_start_token_id] + [m.image_context_token_id] * n_img + [m.image_end_token_id, 40, 41, 42]
     pixels = {i: torch.randn(2, 3, m.vision.image_size, m.vision.image_size, generator=g) for i in range(2)}
-    rows = [Rollout(i // 2, prompt, torch.randint(50, 900, (5 + i,), generator=g).tolist(), [-2.0] * (5 + i),
+    rows = [Rollout(i // 2, prompt, torch.randint(50, 900, (5 + 4 * i,), generator=g).tolist(), [-2.0] * (5 + 4 * i),
                     1.0, 1.0, 1.0, "stop", 1, advantage=(1.0, -0.5, 0.8, -0.2)[i]) for i in range(4)]
-    return episode_microbatches(rows, state, 2, m, pixels.__getitem__, 1)
+    return episode_microbatches(rows, state, 2, m, pixels.__getitem__, 1, share_vision, cfg.rl.micro_batch_tokens)
 
 
 def bf16_vs_fp32_steps(workdir: str) -> dict:
@@ -275,8 +339,48 @@ def bf16_vs_fp32_steps(workdir: str) -> dict:
         result[kind] = {"loss_fp32": a["loss"], "loss_bf16": b["loss"], "grad_norm_fp32": a["grad_norm"],
                         "grad_norm_bf16": b["grad_norm"], "param_excess": excess,
                         "param_dtypes": b["param_dtypes"], "main_param_dtypes": b["main_param_dtypes"]}
+    result["shared_vision"] = shared_vision_step(workdir)
     import torch.distributed as dist
 
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, result)
     return gathered
+
+
+def shared_vision_step(workdir: str) -> dict:
+    """TP2·PP2 fp32, one GRPO SGD step (lr 1: the update is the gradient) with each group's image set encoded once
+    and with one vision forward per row: updated weights, losses and ViT work compared (issue 15)."""
+    import torch.distributed as dist
+
+    from megatron_r1v3.models.build import build_model
+    from megatron_r1v3.models.weights import load_model
+    from megatron_r1v3.rl.batch import vision_counts
+    from megatron_r1v3.rl.policy_loss import count_units, loss_function, write_logprobs
+    from megatron_r1v3.training.optimizer import build_optimizer, wrap_ddp
+    from megatron_r1v3.training.step import train_step
+
+    runs = {}
+    for share, budget in ((False, 0), (True, 0), ("budget", 56)):
+        # budget: rows padded to 24, 24, 32, 32 tokens -> microbatches [2, 24], [1, 32], [1, 32] (variable shapes)
+        cfg, state = _setup(["precision.params_dtype=fp32", "parallel.tensor=2", "parallel.pipeline=2",
+                             "optimizer.name=sgd", "optimizer.lr=1.0", "optimizer.min_lr=1.0",
+                             "optimizer.use_distributed_optimizer=false", f"rl.micro_batch_tokens={budget}"])
+        chunks = build_model(cfg)
+        load_model(chunks, f"{workdir}/bf16_init")
+        ddp = wrap_ddp(chunks, cfg)
+        opt = build_optimizer(ddp, cfg)
+        mbs = _rl_microbatches(cfg, state, bool(share))
+        write_logprobs(ddp, mbs, "old_logp")
+        metrics = train_step(ddp, opt, mbs, loss_function(cfg.rl, count_units(mbs, cfg.rl.agg), len(mbs)))
+        counts = vision_counts(mbs, chunks)
+        dist.all_reduce(counts)  # TP2: each of the two first-stage ranks counts the same tiles
+        runs[share] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "counts": (counts / 2).tolist(),
+                       "shapes": [tuple(mb["input_ids"].shape) for mb in mbs],
+                       "params": {n: p.detach().clone() for c in chunks for n, p in c.named_parameters()}}
+    unshared = runs[False]["params"]
+    diff = torch.tensor([max(float((runs[k]["params"][n] - p).abs().max()) for n, p in unshared.items())
+                         for k in (True, "budget")])
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    names = {False: "unshared", True: "shared", "budget": "budget"}
+    return {"max_update_diff": float(diff[0]), "max_update_diff_budget": float(diff[1]),
+            **{f"{k}_{names[share]}": v for share, r in runs.items() for k, v in r.items() if k != "params"}}

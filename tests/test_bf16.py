@@ -24,3 +24,19 @@ def test_bf16_sft_and_grpo_steps_at_tp2_pp2_match_fp32(tmp_path):
             # after one Adam step (lr 1e-3: each weight moves by ~1e-3), the weights agree up to bf16 storage rounding
             # plus at most two Adam steps (a sign flip of a near-zero gradient)
             assert r["param_excess"] <= 2.5e-3, r
+
+
+    # issue 15: each group's image set through the ViT once, spliced into its rows, gives the unshared step's update
+    # (fp32, SGD lr 1: the update is the gradient) with half the ViT tiles (2 prompts x 2 responses, 2 tiles each)
+    shared = ranks[0]["shared_vision"]
+    print("shared vision forward at TP2·PP2:", shared)
+    assert shared["max_update_diff"] <= 1e-5, shared
+    assert shared["loss_shared"] == pytest.approx(shared["loss_unshared"], abs=1e-6) and shared["loss_shared"] != 0
+    assert shared["grad_norm_shared"] == pytest.approx(shared["grad_norm_unshared"], rel=1e-5)
+    encoded, held, per_row = shared["counts_shared"]
+    assert (held, per_row) == (4.0, 8.0) and encoded == 2 * held  # old-logprob pass + training pass
+    assert shared["counts_unshared"] == [16.0, 8.0, 8.0]
+    # microbatches by token budget: variable shapes through the pipeline (p2p sends shapes first), same update
+    assert shared["shapes_budget"] == [(2, 24), (1, 32), (1, 32)] and shared["shapes_shared"] == [(2, 32), (2, 32)]
+    assert shared["max_update_diff_budget"] <= 1e-5, shared
+    assert shared["loss_budget"] == pytest.approx(shared["loss_unshared"], abs=1e-6)

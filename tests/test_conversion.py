@@ -35,9 +35,14 @@ def ok(out):
     return out.stdout
 
 
+FP32 = 1e-5  # fp32 logits: measured 1.2e-6 to 1.6e-6 on the 2-core CPU box (docs/performance.md)
+
+
 def logit_diff(hf, meg, tp, pp):
     line = ok(r1v3("compare-hf", "--hf", hf, "--megatron", meg, "--tp", tp, "--pp", pp)).strip().splitlines()[-1]
-    return float(re.fullmatch(r"max_abs_logit_diff=(\S+)", line).group(1))
+    diff = float(re.fullmatch(r"max_abs_logit_diff=(\S+)", line).group(1))
+    print(f"compare-hf {meg.name} at TP{tp}·PP{pp}: max |logit diff| = {diff:.3g}")
+    return diff
 
 
 def assert_identical(a_dir, b_dir):
@@ -67,7 +72,7 @@ def test_round_trip_tp2_pp2_is_bit_identical(ckpts, layout):
     hf, meg = ckpts[layout]
     assert len(HFCheckpoint(hf).names()) > 80 and len(list(hf.glob("model-*.safetensors"))) > 1
     back = ckpts["root"] / f"back_{layout}"
-    ok(r1v3("convert", "megatron-to-hf", "--megatron", meg, "--out", back, "--tp", 2, "--pp", 2,
+    ok(r1v3("convert", "megatron-to-hf", "--weights-only", "--megatron", meg, "--out", back, "--tp", 2, "--pp", 2,
             "--max-shard-size", "300KB"))
     assert_identical(hf, back)
     assert json.loads((back / "config.json").read_text()) == json.loads((hf / "config.json").read_text())
@@ -78,25 +83,26 @@ def test_round_trip_tp2_pp2_is_bit_identical(ckpts, layout):
 def test_native_to_remote_layout_and_back(ckpts):
     hf, meg = ckpts["native"]
     remote = ckpts["root"] / "as_remote"
-    ok(r1v3("convert", "megatron-to-hf", "--megatron", meg, "--out", remote, "--layout", "remote"))
+    ok(r1v3("convert", "megatron-to-hf", "--weights-only", "--megatron", meg, "--out", remote, "--layout", "remote"))
     assert HFCheckpoint(remote).layout == "remote"
     assert any(n.endswith("attn.qkv.weight") for n in HFCheckpoint(remote).names())  # fused InternViT qkv
     meg2 = ckpts["root"] / "meg_from_remote"
     ok(r1v3("convert", "hf-to-megatron", "--hf", remote, "--out", meg2))
     native_again = ckpts["root"] / "native_again"
-    ok(r1v3("convert", "megatron-to-hf", "--megatron", meg2, "--out", native_again, "--layout", "native"))
+    ok(r1v3("convert", "megatron-to-hf", "--weights-only", "--megatron", meg2, "--out", native_again,
+            "--layout", "native"))
     assert_identical(hf, native_again)
 
 
 @pytest.mark.parametrize("layout, tp, pp", [("native", 1, 1), ("native", 2, 2), ("remote", 2, 2)])
 def test_compare_hf_logits(ckpts, layout, tp, pp):
     hf, meg = ckpts[layout]
-    assert logit_diff(hf, meg, tp, pp) <= 1e-4
+    assert logit_diff(hf, meg, tp, pp) <= FP32
 
 
 def test_tp2_pp2_checkpoint_loads_at_tp1_pp2_with_same_logits(ckpts):
     hf, meg = ckpts["native"]  # converted at TP2·PP2; TP1·PP1 is covered by test_compare_hf_logits
-    assert logit_diff(hf, meg, 1, 2) <= 1e-4
+    assert logit_diff(hf, meg, 1, 2) <= FP32
 
 
 def test_one_process_writes_the_layout_the_real_model_saves(ckpts):
@@ -156,19 +162,20 @@ def _edit_config(d, fn):
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+# names as on disk: our writer, like save_pretrained, stores `language_model.model.*`, `vision_tower.*`
 BAD = {
-    "missing_tensor": (lambda d: _drop_tensor(d, "model.language_model.layers.1.mlp.up_proj.weight"),
-                       "model.language_model.layers.1.mlp.up_proj.weight"),
-    "unexpected_tensor": (lambda d: _add_tensor(d, "model.language_model.layers.9.extra.weight", torch.ones(2)),
-                          "model.language_model.layers.9.extra.weight"),
-    "wrong_shape": (lambda d: _replace_tensor(d, "model.vision_tower.encoder.layer.0.mlp.fc1.weight",
+    "missing_tensor": (lambda d: _drop_tensor(d, "language_model.model.layers.1.mlp.up_proj.weight"),
+                       "language_model.model.layers.1.mlp.up_proj.weight"),
+    "unexpected_tensor": (lambda d: _add_tensor(d, "language_model.model.layers.9.extra.weight", torch.ones(2)),
+                          "language_model.model.layers.9.extra.weight"),
+    "wrong_shape": (lambda d: _replace_tensor(d, "vision_tower.encoder.layer.0.mlp.fc1.weight",
                                               torch.ones(100, 48)),
-                    "model.vision_tower.encoder.layer.0.mlp.fc1.weight"),
+                    "vision_tower.encoder.layer.0.mlp.fc1.weight"),
     "unknown_architecture": (lambda d: _edit_config(d, lambda c: c.update(model_type="llava",
                                                                           architectures=["LlavaModel"])),
                              "model_type='llava'"),
     "config_disagrees": (lambda d: _edit_config(d, lambda c: c["text_config"].update(intermediate_size=192)),
-                         "model.language_model.layers.0.mlp.gate_proj.weight"),
+                         "language_model.model.layers.0.mlp.gate_proj.weight"),
 }
 
 

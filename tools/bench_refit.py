@@ -8,6 +8,9 @@
      baseline = one in-memory copy of all weights on rank 0: `dst.copy_(src)` into preallocated tensors, and
                 `src.clone()` (allocating, as a fresh state dict would); both printed.
    Target: refit / baseline <= 3.
+   `--spmd`: the SPMD engines (2 engines x rollout TP2, `rollout.spmd_refit`): per rank, our part of a push
+   (gather + mapping + transport, vLLM's load excluded) / one `copy_` of the bytes that rank receives, all ranks
+   at once (target <= 2); vLLM's `reload_weights` time beside it; a frozen-ViT refit's bytes / a full refit's.
 2. RL overhead: a short GRPO run of the tiny model (TP2, 2 processes); per step, the time outside generation,
    the trainer's forward/backward/optimizer step and the refit, as a fraction of the step. Target <= 5%.
 """
@@ -90,6 +93,62 @@ def refit_worker(workdir: str, repeats: int, bucket_mb: int) -> dict:
     return out
 
 
+def spmd_refit_worker(workdir: str, repeats: int, bucket_mb: int) -> dict:
+    """The SPMD path: 2 engines x rollout TP2 over the 4 ranks, dummy start, every rank loading its own stream."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_r1v3.data.tokenizer import toy_tokenizer
+    from megatron_r1v3.models.build import build_model
+    from megatron_r1v3.parallel import init_parallel
+    from megatron_r1v3.presets import load_config
+    from megatron_r1v3.rollout.engine_group import EngineLayout, start_engine, write_dummy_model_dir
+    from megatron_r1v3.rollout.spmd_refit import EngineRefit, iter_engine_tensors, plan_refit
+    from megatron_r1v3.training.freeze import apply_trainable
+
+    cfg = load_config(None, BIG)
+    init_parallel(cfg)
+    rank = dist.get_rank()
+    chunks = build_model(cfg)
+    if rank == 0:
+        write_dummy_model_dir(f"{workdir}/dummy", cfg.model, toy_tokenizer(f"{workdir}/tok"), torch.float32)
+    dist.barrier()
+    engine = start_engine(EngineLayout(4, 2), f"{workdir}/dummy", max_model_len=256, kv_cache_bytes=64 * 2**20,
+                          dtype="fp32", load_format="dummy")
+    refit = EngineRefit(chunks, cfg.model, bucket_mb, freeze_aware=False)
+    refit(engine, chunks)  # warm-up (and the first, full push)
+    times, loads, ours = [], [], []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        stats = refit(engine, chunks)
+        dist.barrier()
+        times.append(time.perf_counter() - t0)
+        loads.append(stats.load_seconds)
+        # our part alone: the same push with no engine (gather + mapping + transport + manifest, no vLLM)
+        dist.barrier()
+        t0 = time.perf_counter()
+        refit(None, chunks)
+        ours.append(time.perf_counter() - t0)
+    full = [(n, t.clone()) for n, t in iter_engine_tensors(chunks, refit.manifests, plan_refit(
+        refit.manifests, cfg.model, True), cfg.model)]  # every rank: what it pushed
+    dst = [torch.empty_like(t) for _, t in full]
+    copies = []
+    for _ in range(max(repeats, 3)):
+        dist.barrier()  # every rank copies at once, as every rank pushes at once
+        t0 = time.perf_counter()
+        for d, (_, t) in zip(dst, full):
+            d.copy_(t)
+        copies.append(time.perf_counter() - t0)
+    apply_trainable(chunks, "freeze_vision")
+    frozen = plan_refit(EngineRefit(chunks, cfg.model, bucket_mb).manifests, cfg.model, full=False)
+    frozen_bytes = stats.bytes - frozen.skipped_bytes
+    engine.close()
+    return {"refit_s": statistics.median(times), "ours_s": statistics.median(ours), "load_s": statistics.median(loads),
+            "copy_s": statistics.median(copies), "bytes": stats.bytes, "tensors": stats.tensors,
+            "buckets": stats.buckets, "frozen_vit_bytes": frozen_bytes, "frozen_vit_tensors": len(frozen.expected)}
+
+
 def rl_worker(workdir: str, steps: int) -> dict:
     from megatron_r1v3.presets import load_config
     from megatron_r1v3.rl.grpo import run_grpo
@@ -109,9 +168,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bucket-mb", type=int, default=512, help="rl.refit_bucket_mb (its default: 512)")
     ap.add_argument("--rl-steps", type=int, default=8)
+    ap.add_argument("--spmd", action="store_true", help="the SPMD engines' refit (rl.rollout_tp=2) instead")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # spawned ranks import tools.bench_refit
     from megatron_r1v3.parallel.spawn import run_distributed
+
+    if args.spmd:
+        with tempfile.TemporaryDirectory(prefix="r1v3-bench-spmd-") as wd:
+            ranks = run_distributed("tools.bench_refit:spmd_refit_worker", 4, timeout_s=900, env=ENV, workdir=wd,
+                                    repeats=args.repeats, bucket_mb=args.bucket_mb)
+        r = ranks[0]
+        print(f"SPMD refit: 2 engines x rollout TP2 over TP2·PP2 (4 ranks), every rank receives {r['tensors']} "
+              f"tensors, {r['bytes'] / 2**20:.0f} MiB fp32, {r['buckets']} buckets of <= {args.bucket_mb} MiB")
+        for k, x in enumerate(ranks):
+            print(f"  rank {k}: push {x['refit_s']:.3f} s, vLLM reload_weights {x['load_s']:.3f} s, ours (gather + "
+                  f"mapping + transport) {x['ours_s']:.3f} s; one copy_ of the bytes {x['copy_s']:.3f} s -> ours / "
+                  f"copy_ {x['ours_s'] / x['copy_s']:.2f} (target <= 2)")
+        print(f"  frozen ViT: later refits carry {r['frozen_vit_tensors']} HF tensors, {r['frozen_vit_bytes']} of "
+              f"{r['bytes']} bytes ({r['frozen_vit_bytes'] / r['bytes']:.3f} of a full refit)")
+        return
 
     with tempfile.TemporaryDirectory(prefix="r1v3-bench-refit-") as wd:
         r = run_distributed("tools.bench_refit:refit_worker", 4, timeout_s=900, env=ENV, workdir=wd,

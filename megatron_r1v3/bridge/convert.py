@@ -129,7 +129,7 @@ def plan_hf_to_megatron(hf: HFCheckpoint, model: ModelConfig, dtype: torch.dtype
         for name, want in to_hf(c.name, torch.empty(c.shape, dtype=dtype, device="meta"), model, hf.layout):
             got = tuple(hf.meta(name).shape)  # raises MappingError naming a missing tensor
             if got != tuple(want.shape):
-                raise MappingError(f"shape mismatch: HF {name} is {got}, but config.json ({hf.path}) implies"
+                raise MappingError(f"shape mismatch: HF {hf.stored(name)} is {got}, but config.json ({hf.path}) implies"
                                    f" {tuple(want.shape)} (for Megatron {c.name} {c.shape})")
             used.add(name)
 
@@ -137,7 +137,7 @@ def plan_hf_to_megatron(hf: HFCheckpoint, model: ModelConfig, dtype: torch.dtype
             return to_megatron(name, hf.get, model, hf.layout)[0].to(dtype).reshape(sizes)
 
         plan.append(LazyChunk(c.key, c.global_shape, c.offset, c.sizes, dtype, make))
-    unexpected = sorted(set(hf.names()) - used)
+    unexpected = sorted(hf.stored(n) for n in set(hf.names()) - used)
     if unexpected:
         raise MappingError(f"unexpected tensor(s) in {hf.path}: {', '.join(unexpected[:10])}"
                            + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
@@ -248,7 +248,7 @@ def megatron_to_hf(
     load_model(chunks, Path(megatron_dir) / "model")
     assets = Path(megatron_dir) / "hf_assets"
     with atomic_output_dir(Path(out_dir)) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes) if state.rank == 0 else None
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes, layout) if state.rank == 0 else None
         err = None
         stream = iter_hf_tensors(chunks, model, layout, transport="p2p")  # one pass: no shared-memory mirror
         for hf_name, tensor in tqdm(stream, desc="megatron->hf", disable=state.rank != 0, unit="tensor"):

@@ -54,6 +54,16 @@ def canonical_name(stored: str, layout: str) -> str:
     return stored
 
 
+def stored_name(canonical: str, layout: str) -> str:
+    """The name `save_pretrained` gives a tensor of `layout` on disk: what our writers write (inverse of
+    `canonical_name`), so an exported checkpoint reads like one transformers saved."""
+    if layout == "native":
+        for saved, name in NATIVE_SAVED_PREFIXES:
+            if canonical.startswith(name):
+                return saved + canonical[len(name):]
+    return canonical
+
+
 def detect_layout(config: dict, path: str | Path = "config.json") -> str:
     """'remote' (InternVL chat / Skywork-R1V remote code) or 'native' (InternVLForConditionalGeneration)."""
     archs = set(config.get("architectures") or [])
@@ -274,6 +284,10 @@ class HFCheckpoint:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def stored(self, name: str) -> str:
+        """The spelling under which the files hold canonical `name` (for messages that name what is on disk)."""
+        return self._where[name][1] if name in self._where else stored_name(name, self.layout)
+
     def _handle(self, f: Path) -> "SafetensorsFile":
         if f not in self._handles:
             if not f.is_file():
@@ -283,7 +297,9 @@ class HFCheckpoint:
 
     def _entry(self, name: str) -> tuple["SafetensorsFile", str]:
         if name not in self._where:
-            raise MappingError(f"missing tensor {name!r} in {self.path}")
+            disk = stored_name(name, self.layout)
+            also = f" (in memory {name!r})" if disk != name else ""
+            raise MappingError(f"missing tensor {disk!r}{also} in {self.path}")
         path, stored = self._where[name]
         f = self._handle(path)
         if stored not in f.header:
@@ -308,10 +324,14 @@ class HFCheckpoint:
 
 
 class ShardedSafetensorsWriter:
-    """Writes tensors into size-bounded `model-0000i-of-0000N.safetensors` shards plus the HF index file."""
+    """Writes tensors into size-bounded `model-0000i-of-0000N.safetensors` shards plus the HF index file.
 
-    def __init__(self, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30):
-        self.out, self.max = Path(out_dir), max_shard_bytes
+    `add` takes the mapping table's (canonical) names; the files carry the names transformers' `save_pretrained`
+    writes for `layout` (`stored_name`). `written` lists the canonical names, for manifest checks.
+    """
+
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30, layout: str = "native"):
+        self.out, self.max, self.layout = Path(out_dir), max_shard_bytes, layout
         self.out.mkdir(parents=True, exist_ok=True)
         self._buf: dict[str, torch.Tensor] = {}
         self._buf_bytes, self._shards, self._total = 0, [], 0
@@ -323,7 +343,7 @@ class ShardedSafetensorsWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if self._buf and self._buf_bytes + nbytes > self.max:
             self._flush()
-        self._buf[name] = tensor.detach().cpu().contiguous()
+        self._buf[stored_name(name, self.layout)] = tensor.detach().cpu().contiguous()
         self._buf_bytes += nbytes
         self._total += nbytes
         self.written.append(name)

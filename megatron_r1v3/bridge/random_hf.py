@@ -47,7 +47,7 @@ def write_random_hf_checkpoint(
     out = Path(out_dir)
     shapes = native_shapes(model)
     read = lambda name: random_value(name, shapes[name], seed, dtype)  # noqa: E731
-    writer = ShardedSafetensorsWriter(out, max_shard_bytes)
+    writer = ShardedSafetensorsWriter(out, max_shard_bytes, layout)
     stream = ((n, read(n)) for n in shapes) if layout == "native" else convert_layout(read, model, "native", layout)
     for name, tensor in stream:
         writer.add(name, tensor)

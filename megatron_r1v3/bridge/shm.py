@@ -7,6 +7,10 @@ read per tensor on the destination: the CPU counterpart of CUDA-IPC buckets, ins
 every tensor through TCP loopback. The files are unlinked as soon as every rank has mapped them (nothing is left
 in /dev/shm, even after a crash); the mappings live as long as the model.
 
+Destinations: one rank (`dst`, the rank-0 engine and the HF export), or every rank of the group (`dst=None`: the
+SPMD rollout engines, where each engine rank assembles the full tensors its vLLM shard loads from the mirrors of
+its model replica, no rank routing data for another).
+
 Cost: host memory for one extra copy of each rank's shards (the mirror), allocated on the first push.
 """
 
@@ -27,7 +31,8 @@ from megatron_r1v3.bridge.shard import global_named_parameters, is_tp_sharded
 
 SHM_DIR = "/dev/shm"
 _ALIGN = 64
-_MIRRORS: "weakref.WeakKeyDictionary[torch.nn.Module, SharedShards | None]" = weakref.WeakKeyDictionary()
+_MIRRORS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int | None, SharedShards | None]]" = (
+    weakref.WeakKeyDictionary())
 
 
 @dataclass(frozen=True)
@@ -46,9 +51,9 @@ def _view(storage: torch.UntypedStorage, slot: _Slot) -> torch.Tensor:
 
 
 class SharedShards:
-    """This rank's parameter mirror in shared memory; on the destination, every rank's mirror mapped."""
+    """This rank's parameter mirror in shared memory; on the destination(s), every rank's mirror mapped."""
 
-    def __init__(self, chunks, dst: int, group):
+    def __init__(self, chunks, dst: int | None, group):
         self.group, self.rank, self.dst = group, dist.get_rank(), dst
         self.params = {name: p for chunk in chunks for name, p in global_named_parameters(chunk)}
         slots, offset = {}, 0
@@ -56,15 +61,17 @@ class SharedShards:
             dim = p.partition_dim if is_tp_sharded(p) else None
             slots[name] = _Slot(offset, tuple(p.shape), p.dtype, ps.get_tensor_model_parallel_rank(), dim)
             offset += -(-p.numel() * p.element_size() // _ALIGN) * _ALIGN
-        token = [uuid.uuid4().hex if self.rank == dst else None]
-        dist.broadcast_object_list(token, src=dst, group=group)
+        self.reads = dst is None or self.rank == dst
+        lead = dist.get_global_rank(group, 0) if dst is None else dst
+        token = [uuid.uuid4().hex if self.rank == lead else None]
+        dist.broadcast_object_list(token, src=lead, group=group)
         path, nbytes = f"{SHM_DIR}/r1v3-shards-{token[0]}-{self.rank}", max(offset, _ALIGN)
         self.storage = torch.UntypedStorage.from_file(path, shared=True, nbytes=nbytes)
         self.mine = {name: _view(self.storage, s) for name, s in slots.items()}
         layouts = [None] * dist.get_world_size(group)
         dist.all_gather_object(layouts, (self.rank, path, nbytes, slots), group=group)
         self.remote: dict[str, list[tuple[torch.Tensor, _Slot]]] = {}  # name -> [(view, slot)] by TP rank
-        if self.rank == dst:
+        if self.reads:
             for rank, rpath, rbytes, rslots in layouts:
                 storage = self.storage if rank == self.rank else torch.UntypedStorage.from_file(
                     rpath, shared=True, nbytes=rbytes)
@@ -75,15 +82,17 @@ class SharedShards:
         dist.barrier(group=group)  # every file mapped: remove the names
         os.unlink(path)
 
-    def publish(self) -> None:
-        """Collective: copy this rank's current shards into its mirror; afterwards the destination may read."""
+    def publish(self, names: set[str] | None = None) -> None:
+        """Collective: copy this rank's current shards (only `names`, when given: a freeze-aware refit) into its
+        mirror; afterwards the destination may read."""
         with torch.no_grad():
             for name, p in self.params.items():
-                self.mine[name].copy_(p.detach())
+                if names is None or name in names:
+                    self.mine[name].copy_(p.detach())
         dist.barrier(group=self.group)
 
     def parts(self, name: str) -> tuple[list[torch.Tensor], int | None]:
-        """(the TP shards of `name` in TP order, the partition dim or None if replicated) - destination only."""
+        """(the TP shards of `name` in TP order, the partition dim or None if replicated) - destinations only."""
         parts = self.remote[name]
         dim = parts[0][1].partition_dim
         return ([v for v, _ in parts] if dim is not None else [parts[0][0]]), dim
@@ -93,17 +102,19 @@ class SharedShards:
         dist.barrier(group=self.group)
 
 
-def shared_shards(chunks, dst: int) -> SharedShards | None:
-    """The mirror for these model chunks (created on first use, collective over the model-parallel group), or None
-    when shared memory cannot serve: weights not in host memory, ranks on several hosts, or no /dev/shm."""
+def shared_shards(chunks, dst: int | None) -> SharedShards | None:
+    """The mirror for these model chunks read by `dst` (None: by every rank of the group), created on first use
+    (collective over the model-parallel group), or None when shared memory cannot serve: weights not in host
+    memory, ranks on several hosts, or no /dev/shm."""
     key = chunks[0]
-    if key in _MIRRORS:
-        return _MIRRORS[key]
+    mirrors = _MIRRORS.setdefault(key, {})
+    if dst in mirrors:
+        return mirrors[dst]
     group = ps.get_model_parallel_group()
     device = next(p for chunk in chunks for p in chunk.parameters()).device
     here = (socket.gethostname(), device.type == "cpu" and os.path.isdir(SHM_DIR))
     everyone = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, here, group=group)
     usable = all(h == (everyone[0][0], True) for h in everyone)
-    _MIRRORS[key] = SharedShards(chunks, dst, group) if usable else None
-    return _MIRRORS[key]
+    mirrors[dst] = SharedShards(chunks, dst, group) if usable else None
+    return mirrors[dst]

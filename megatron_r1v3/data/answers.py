@@ -6,22 +6,26 @@ from __future__ import annotations
 import re
 
 _MC_LETTER = re.compile(r"^\(?([A-Ha-h])\)?[.:]?$")
+_BRACE = re.compile(r"\\boxed\{|\{|\}")
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` with balanced braces, or None."""
-    start = text.rfind("\\boxed{")
-    while start != -1:
-        depth, i = 0, start + len("\\boxed")
-        for j in range(i, len(text)):
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[i + 1 : j].strip()
-        start = text.rfind("\\boxed{", 0, start)
-    return None
+    """Content of the last `\\boxed{...}` with balanced braces, or None.
+
+    One pass over the text (a brace stack), so hostile responses (thousands of unclosed boxes in 100K characters)
+    cost linear time: "last" is the completed box that starts last.
+    """
+    opens: list[int] = []  # content start of each open brace; -1 for a brace that is not a box's
+    best = None
+    for m in _BRACE.finditer(text):
+        if m.group() == "}":
+            if opens:
+                start = opens.pop()
+                if start >= 0 and (best is None or start > best[0]):
+                    best = (start, m.start())
+        else:
+            opens.append(m.end() if m.group() != "{" else -1)
+    return text[best[0] : best[1]].strip() if best else None
 
 
 def is_well_formed(response: str) -> bool:

@@ -182,6 +182,9 @@ class DaliImageDecoder:
         self._tile_encoded = _Runner(self._tile_graph_encoded, 1 + extra, [None] * (1 + extra), opts)
         self._tile_pixels = _Runner(self._tile_graph_pixels, 1 + extra, ["HWC"] + [None] * extra, opts)
         self.host_decoded = 0  # images decoded by the Pillow reference (alpha, 16-bit, other formats, DALI errors)
+        self.dali_decoded = 0  # images DALI itself decoded
+        # per item of the last call: "dali", "pillow" (the host fallback) or "error"; lets tests prove DALI ran
+        self.last_decoders: list[str] = []
 
     # ---- DALI graphs -------------------------------------------------------------------------------------
     def _decoded(self, encoded):
@@ -281,6 +284,17 @@ class DaliImageDecoder:
         self.host_decoded += len(pixels)
         return pixels
 
+    def _account(self, dali_jobs: list[tuple], dali_errors: dict[int, str], pixels: dict, n: int) -> None:
+        """Record which decoder handled each item of this call (the silent Pillow fallback stays visible)."""
+        by = ["error"] * n
+        for index, _ in dali_jobs:
+            if index not in dali_errors:
+                by[index] = "dali"
+        for index in pixels:
+            by[index] = "pillow"
+        self.dali_decoded += by.count("dali")
+        self.last_decoders = by
+
     def _tile_job(self, index: int, first, height: int, width: int) -> tuple:
         cols, rows = grid_for(width, height, self.cfg)
         tile = self.cfg.tile_size
@@ -310,6 +324,7 @@ class DaliImageDecoder:
         ]
         dali_errors.update(self._run_items(self._tile_encoded, encoded_jobs, results))
         pixels = self._host_decode(items, sorted(host + list(dali_errors)), names, dali_errors, results)
+        self._account(dali_jobs, dali_errors, pixels, len(items))
         pixel_jobs = [self._tile_job(index, arr, *arr.shape[:2]) for index, arr in pixels.items()]
         self._run_items(self._tile_pixels, pixel_jobs, results)
         return results
@@ -324,6 +339,7 @@ class DaliImageDecoder:
         dali_errors = self._run_items(self._decode, dali_jobs, results)
         results = [r if r is None else r.cpu().numpy() for r in results]  # zero-copy on CPU
         pixels = self._host_decode(items, sorted(host + list(dali_errors)), names, dali_errors, results)
+        self._account(dali_jobs, dali_errors, pixels, len(items))
         for index, arr in pixels.items():
             results[index] = arr
         return results

@@ -6,18 +6,18 @@
 - `pixel_values [total_tiles, 3, S, S]`: tiles in the order their `<IMG_CONTEXT>` tokens appear in the row-major
   flattened `input_ids` (sample 0's images first, each image's tiles thumbnail last), as `vlm.splice_image_embeddings`
   consumes them;
-- `position_ids [b, s]`, `cu_seqlens` (int32, segment starts in the flattened b*s tokens, padding tails as their own
-  segments, ending with b*s), `max_seqlen`; and counters `num_samples`, `num_tiles`, `num_image_tokens`,
-  `num_loss_tokens`, `sample_sources` (file:line of each sample).
+- `position_ids [b, s]` (restarting at 0 per segment), `cu_seqlens` (int32, segment starts in the flattened b*s
+  tokens, padding tails as their own segments, ending with b*s), `max_seqlen`, `packed` (the collate mode); and
+  counters `num_samples`, `num_tiles`, `num_image_tokens`, `num_loss_tokens`, `sample_sources` (file:line of each
+  sample).
 
 Two collate modes. Padding (default): one sample per row, `seq_length` fixed (pipeline parallelism needs fixed
 shapes). Packing (`pack=True`): samples are concatenated in stream order into rows of up to `seq_length` tokens
 (next-fit). Packing changes the maths unless the attention knows the boundaries: with the plain causal mask a packed
-sample attends to the samples before it in its row. `position_ids` restart at 0 per sample, and a Transformer Engine
-attention path can isolate samples with
-`PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=max_seqlen,
-max_seqlen_kv=max_seqlen)` over the batch flattened to one row (use micro_batch_size=1 with THD). Labels never cross
-a sample boundary: each sample's last position is masked.
+sample would attend to the samples before it in its row. `training.step` therefore runs a `packed` batch as one THD
+row of b*s tokens with `PackedSeqParams(qkv_format="thd", cu_seqlens_q/kv=cu_seqlens, max_seqlen_q/kv=max_seqlen)`
+(`models/packing.py`: per-sample attention and RoPE positions, on TE and on the local spec). Labels never cross a
+sample boundary: each sample's last position is masked.
 
 Order and sharding: the stream is epoch after epoch of the records in a permutation drawn from (seed, epoch); rank
 `dp_rank` of `dp_size` takes stream positions dp_rank, dp_rank + dp_size, ... so ranks are disjoint and together
@@ -304,7 +304,8 @@ class SFTBatchIterator:
             raise StopIteration
         self.stats.samples += sum(len(row) for row in rows)
         self.stats.batches += 1
-        return collate_rows(rows, self.micro_batch_size, self.seq_length, self.tokenizer.pad_token_id, self.tiling)
+        return collate_rows(rows, self.micro_batch_size, self.seq_length, self.tokenizer.pad_token_id, self.tiling,
+                            pack=self.pack)
 
     # ---- resume ----------------------------------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:
@@ -349,9 +350,11 @@ class SFTBatchIterator:
 
 
 def collate_rows(
-    rows: list[list[_Ready]], micro_batch_size: int, seq_length: int, pad_id: int, tiling: TilingConfig
+    rows: list[list[_Ready]], micro_batch_size: int, seq_length: int, pad_id: int, tiling: TilingConfig,
+    pack: bool = False,
 ) -> dict[str, Any]:
-    """Lay rows of samples into fixed [micro_batch_size, seq_length] tensors (missing rows stay empty padding)."""
+    """Lay rows of samples into fixed [micro_batch_size, seq_length] tensors (missing rows stay empty padding);
+    `pack` marks the batch for the per-sample (THD) attention every packed microbatch of a step needs."""
     b, s = micro_batch_size, seq_length
     input_ids = torch.full((b, s), pad_id, dtype=torch.int64)
     labels = torch.full((b, s), pad_id, dtype=torch.int64)
@@ -377,7 +380,8 @@ def collate_rows(
             n_image += enc.n_image_tokens
             n_images += item.n_images
         if offset < s:
-            starts.append(r * s + offset)  # the padding tail is its own segment; its positions just count on
+            starts.append(r * s + offset)  # the padding tail is its own segment, positions restarting like one
+            position_ids[r, offset:] = torch.arange(s - offset)
     bounds = starts + [b * s]
     size = tiling.tile_size
     pixel_values = torch.cat(tiles) if tiles else torch.empty(0, 3, size, size)
@@ -389,6 +393,7 @@ def collate_rows(
         "position_ids": position_ids,
         "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
         "max_seqlen": max(hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])),
+        "packed": pack,
         "num_samples": len(sources),
         "num_images": n_images,
         "num_tiles": int(pixel_values.shape[0]),

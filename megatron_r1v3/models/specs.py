@@ -13,6 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_r1v3.config import ConfigError, RunConfig, torch_dtype
 from megatron_r1v3.models.norm import SpecRMSNorm
+from megatron_r1v3.models.packing import PackedDotProductAttention
 from megatron_r1v3.parallel import te_available
 from megatron_r1v3.parallel.layout import ParallelLayout
 
@@ -65,6 +66,7 @@ def _common(cfg: RunConfig, layout: ParallelLayout) -> dict:
     prec = cfg.precision
     dtype = params_dtype(cfg)
     on_gpu = torch.cuda.is_available()
+    variable = cfg.rl.micro_batch_tokens > 0 and layout.pp > 1
     common = dict(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
@@ -73,6 +75,10 @@ def _common(cfg: RunConfig, layout: ParallelLayout) -> dict:
         sequence_parallel=layout.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
+        # RL microbatches by token budget (rl.micro_batch_tokens) differ in shape: the pipeline sends shapes first
+        variable_seq_lengths=variable,
+        # megatron refuses variable lengths with its default MoE dispatcher even in a dense model; no MoE here
+        **({"moe_token_dispatcher_type": "alltoall"} if variable else {}),
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
@@ -154,7 +160,8 @@ def connector_config(cfg: RunConfig, lm_config: TransformerConfig) -> Transforme
 
 def decoder_layer_spec(cfg: RunConfig) -> ModuleSpec:
     """TE layer spec (fused norms, FP8-capable GEMMs) when TE is used, else megatron-core's local spec with our
-    RMSNorm (megatron's torch-norm wrapper refuses sequence parallelism; `models/norm.py`)."""
+    RMSNorm (megatron's torch-norm wrapper refuses sequence parallelism; `models/norm.py`) and its attention extended
+    to packed THD rows (`models/packing.py`; megatron's local attention refuses them)."""
     if use_transformer_engine(cfg):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -163,7 +170,10 @@ def decoder_layer_spec(cfg: RunConfig) -> ModuleSpec:
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     norms = dict(input_layernorm=SpecRMSNorm, pre_mlp_layernorm=SpecRMSNorm)
-    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **norms))
+    attn = spec.submodules.self_attention
+    attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules,
+                                                                    core_attention=PackedDotProductAttention))
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attn, **norms))
 
 
 def decoder_block_spec(cfg: RunConfig, lm_config: TransformerConfig, vp_stage: int | None):

@@ -83,6 +83,7 @@ class R1V3Model(MegatronModule):
         )
         self.vision_model: Optional[InternViT] = None
         self.mlp1: Optional[Connector] = None
+        self.encoded_tiles = 0  # tiles through the ViT since construction (group sharing is measured by it)
         if pre_process:
             v = model_cfg.vision
             self.vision_model = InternViT(vit_config, v)
@@ -107,9 +108,22 @@ class R1V3Model(MegatronModule):
         self.language_model.set_input_tensor(input_tensor)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Tiles `[n, 3, S, S]` -> decoder embeddings `[n * tokens_per_tile, h]`."""
+        """Tiles `[n, 3, S, S]` -> decoder embeddings `[n * tokens_per_tile, h]`; counts the tiles it encodes."""
+        self.encoded_tiles += pixel_values.shape[0]
         feats = self.mlp1(self.vision_model(pixel_values))
         return feats.reshape(-1, feats.shape[-1])
+
+    def image_embeddings(self, pixel_values: torch.Tensor, set_of_row: Optional[torch.Tensor],
+                         set_tiles: Optional[torch.Tensor]) -> torch.Tensor:
+        """Embeddings of every row's images in row order. Group-shared (`set_of_row [b]`, -1 = no image; `set_tiles`
+        tiles per set): each image set is encoded once and repeated for each of its rows, so autograd sums the
+        rows' gradients into one ViT backward (`rl/batch.py`)."""
+        embeds = self.encode_images(pixel_values)
+        if set_of_row is None:
+            return embeds
+        per_set = torch.split(embeds, (set_tiles * self.model_cfg.tokens_per_tile).tolist())
+        rows = [per_set[k] for k in set_of_row.tolist() if k >= 0]
+        return torch.cat(rows) if rows else embeds[:0]
 
     def forward(
         self,
@@ -118,14 +132,22 @@ class R1V3Model(MegatronModule):
         pixel_values: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         packed_seq_params=None,
+        image_set_of_row: Optional[torch.Tensor] = None,
+        image_set_tiles: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """Logits `[b, s, V_pad/tp]` (last stage) or hidden states. With THD `packed_seq_params` the `[b, s]` batch
+        runs as one row of b*s tokens (`models/packing.py`; hidden states `[b*s, 1, h]`); logits keep `[b, s, ...]`."""
+        shape = input_ids.shape
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            input_ids = input_ids.reshape(1, -1)  # row-major: image tokens keep the order the tiles come in
+            position_ids = None if position_ids is None else position_ids.reshape(1, -1)
         decoder_input = None
         if self.pre_process:
             if position_ids is None:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
             decoder_input = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
             if pixel_values is not None and pixel_values.numel():
-                image_embeds = self.encode_images(pixel_values)
+                image_embeds = self.image_embeddings(pixel_values, image_set_of_row, image_set_tiles)
                 decoder_input = splice_image_embeddings(
                     decoder_input, input_ids, image_embeds, self.model_cfg.image_context_token_id
                 )
@@ -141,7 +163,7 @@ class R1V3Model(MegatronModule):
             packed_seq_params=packed_seq_params,
         )
         if self.post_process:
-            out = mask_vocab_padding(out, self.model_cfg.language.vocab_size)
+            out = mask_vocab_padding(out, self.model_cfg.language.vocab_size).reshape(*shape, -1)
         return out
 
 

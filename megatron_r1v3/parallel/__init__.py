@@ -23,9 +23,10 @@ _CPU_ONLY = [".*(Transformer Engine and Apex are|Apex is) not installed", "When 
 def setup_process() -> bool:
     """Warning filters + the CPU shim (a no-op with CUDA) + the launcher watch of a rank. Idempotent; returns whether
     the shim is active. Call it before megatron-core is imported."""
-    from megatron_r1v3.parallel.lifeline import watch_launcher
+    from megatron_r1v3.parallel.lifeline import start_resource_tracker, watch_launcher
 
     watch_launcher()  # first: before the seconds of imports below
+    start_resource_tracker()
     import torch
 
     from megatron_r1v3.parallel.cpu_shim import apply_cpu_shim

@@ -31,6 +31,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from megatron_r1v3.parallel.env import under_launcher
 
@@ -96,3 +98,31 @@ def watch_launcher(poll_s: float = POLL_S) -> bool:
     threading.Thread(target=_watch, args=(launcher, poll_s), name="r1v3-launcher-watch", daemon=True).start()
     _watching = True
     return True
+
+
+@contextmanager
+def preemption_signal_ignored() -> Iterator[None]:
+    """Helper processes started inside ignore SIGUSR1, the preemption notice Slurm's `--signal=USR1@T` sends to every
+    process of the job step: SIG_IGN survives fork and exec, a handler does not. The rank's own handler checkpoints
+    and exits, then closes its helpers; a helper killed by the notice instead (multiprocessing's resource tracker, a
+    reward-scoring pool worker) leaves the rank hanging at exit or its shared-memory names untracked."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def start_resource_tracker() -> None:
+    """In a rank: multiprocessing's resource tracker (shared memory, spawned pools) started now, deaf to the
+    preemption notice; it lives as long as the rank. Not in a launcher (the `r1v3` command execs into torchrun:
+    a child started before would stay behind as the launcher's)."""
+    from multiprocessing import resource_tracker
+
+    if under_launcher() is None:
+        return
+    with preemption_signal_ignored():
+        resource_tracker.ensure_running()

@@ -65,6 +65,8 @@ def collect_episode(cfg: RunConfig, worker: RolloutWorker, pixels: PixelSource, 
         "time/generate": worker.seconds["generate"],
         "time/reward": worker.seconds["reward"],
     }
+    # why responses scored what they did: hostile / timed-out ones are 0 and counted here (rl/scoring.py)
+    metrics.update({f"reward/items_{why}": float(k) for why, k in worker.scorer.take_counts().items()})
     if worker.verifier is not None:
         metrics["reward/verifier_calls_total"] = float(worker.verifier.calls)
     metrics["adv/zero_advantage_fraction"] = sum(x.advantage == 0 for x in fresh) / max(len(fresh), 1)

@@ -9,6 +9,8 @@ distributed optimizer); set-up, resume, checkpoints and preemption are `training
 and decides the episode while the other ranks wait as long as it is alive (`parallel.wait.compute_on_rank`); the
 rows reach them as token ids, and the first pipeline stage's ranks tile their own rows' images with the engine's
 processor. Checkpoints hold, besides the run's state, the prompt sampler position and the selective sample buffer.
+With `rl.rollout_tp >= 1` every rank hosts part of an SPMD engine (`rl/spmd_rollouts.py`): the episode runs on
+every rank in lockstep, the engines sleep while the trainer runs, and refits are per engine rank and freeze-aware.
 """
 
 from __future__ import annotations
@@ -18,17 +20,18 @@ import time
 from functools import partial
 
 from megatron_r1v3.bridge.mapping import parameter_names
-from megatron_r1v3.config import RunConfig
+from megatron_r1v3.config import RunConfig, prompt_token_budget
 from megatron_r1v3.parallel.phase import set_phase
 from megatron_r1v3.parallel.wait import compute_on_rank
-from megatron_r1v3.rl.batch import episode_microbatches
+from megatron_r1v3.rl.batch import episode_microbatches, vision_counts
 from megatron_r1v3.rl.buffer import SelectiveSampleBuffer
 from megatron_r1v3.rl.episode import collect_episode
-from megatron_r1v3.rl.evaluate import evaluate_heldout
+from megatron_r1v3.rl.evaluate import evaluate_heldout, sample_heldout
 from megatron_r1v3.rl.loss import PROB_ERROR_ALARM
 from megatron_r1v3.rl.policy_loss import count_units, loss_function, reduce_metrics, write_logprobs
 from megatron_r1v3.rl.prompts import PromptSampler, load_prompts
 from megatron_r1v3.rl.rollouts import PixelSource, refit_worker, start_rollouts
+from megatron_r1v3.rl.spmd_rollouts import Replay, start_engine_group
 from megatron_r1v3.training.freeze import trainable_patterns
 from megatron_r1v3.training.logger import StepTimer
 from megatron_r1v3.training.run import TrainingRun
@@ -47,7 +50,9 @@ def connector_frozen(spec: str) -> bool:
 def train_on(rows, run: TrainingRun, ref_chunks, pixels: PixelSource, step: int) -> dict:
     """Loss and one optimizer step on the episode's rows (each DP rank its share, in whole microbatches)."""
     cfg = run.cfg
-    mbs = episode_microbatches(rows, run.state, cfg.train.micro_batch_size, cfg.model, pixels, step)
+    mbs = episode_microbatches(rows, run.state, cfg.train.micro_batch_size, cfg.model, pixels, step,
+                               cfg.rl.share_vision, cfg.rl.micro_batch_tokens)
+    before = vision_counts([], run.chunks)
     t0 = time.perf_counter()
     if cfg.rl.old_logprobs == "recompute":
         write_logprobs(run.ddp, mbs, "old_logp")
@@ -58,11 +63,27 @@ def train_on(rows, run: TrainingRun, ref_chunks, pixels: PixelSource, step: int)
     t0 = time.perf_counter()
     result = train_step(run.ddp, run.optimizer, mbs, loss_function(cfg.rl, total, len(mbs)))
     metrics = reduce_metrics(result["outputs"])
+    metrics.update(vision_metrics(vision_counts(mbs, run.chunks) - before, run.state.tp))
     metrics.update({"actor/loss": result["loss"], "time/forward_backward_step": time.perf_counter() - t0,
                     "time/logprob_pass": logprob_pass, "actor/grad_norm": result["grad_norm"],
                     "actor/lr": run.optimizer.param_groups[0]["lr"],
-                    "actor/seq_length": float(mbs[0]["input_ids"].shape[1]), "actor/rows": float(len(rows))})
+                    "actor/seq_length": float(max(mb["input_ids"].shape[1] for mb in mbs)),
+                    "actor/rows": float(len(rows)), "actor/microbatches": float(len(mbs)),
+                    "actor/padded_tokens": float(sum(mb["input_ids"].numel() for mb in mbs))})
     return metrics
+
+
+def vision_metrics(local, tp: int) -> dict:
+    """ViT work of the step over every first-stage rank (TP ranks count the same tiles once): tiles encoded (all
+    passes), tiles the microbatches hold, and what one vision forward per row would encode."""
+    import torch.distributed as dist
+
+    from megatron_r1v3.parallel.init import compute_device
+
+    total = local.to(compute_device())
+    dist.all_reduce(total)
+    encoded, held, per_row = (total / tp).tolist()
+    return {"vision/encoded_tiles": encoded, "vision/tiles_per_pass": held, "vision/tiles_per_pass_unshared": per_row}
 
 
 def step_timing(metrics: dict, timer: StepTimer, total: float, refit_seconds: float, cfg: RunConfig) -> None:
@@ -90,19 +111,34 @@ def run_grpo(cfg: RunConfig) -> dict:
     # rank 0 decides the episodes, so its sampler and buffer are the ones that matter (others stay empty)
     step = run.resume(sampler=sampler, ssb=buffer)
     run.log.text(f"[rl] {r.prompts_per_step} prompts x {r.samples_per_prompt} samples per step")
+    if train_pixels.skipped:  # each one named in the log by rl.prompts.fit_prompts
+        run.log.text(f"[rl] {len(train_pixels.skipped)} of {len(train_pixels.skipped) + len(train_pixels.samples)}"
+                     f" training prompts skipped (over rl.max_prompt_tokens={prompt_token_budget(cfg)} or unreadable)")
     if connector_frozen(cfg.train.trainable):
         run.log.text("[rl] WARNING: the connector (mlp1) is frozen; the R1V3 report saw RL collapse into"
                      " repetitive text when the connector does not train")
-    worker = start_rollouts(cfg, src.tokenizer_dir, src.tokenizer, run.out / "vllm_model")
-    if worker is not None:
-        run.log.text(f"[rl] vLLM engine up in {worker.engine.start_seconds:.1f}s (in-process on rank 0)")
-    refit_worker(worker, run.chunks, cfg)
+    spmd = r.rollout_tp > 0  # SPMD engines on every rank (rollout/engine_group.py), else one engine on rank 0
+    if spmd:
+        worker = start_engine_group(cfg, src.tokenizer_dir, src.tokenizer, run.out / "vllm_model", run.chunks)
+        run.log.text(f"[rl] {worker.layout.engines} vLLM engine(s) x TP{r.rollout_tp} up in "
+                     f"{worker.engine.start_seconds:.1f}s (dummy weights until the first refit)")
+    else:
+        worker = start_rollouts(cfg, src.tokenizer_dir, src.tokenizer, run.out / "vllm_model")
+        if worker is not None:
+            run.log.text(f"[rl] vLLM engine up in {worker.engine.start_seconds:.1f}s (in-process on rank 0)")
+
+    def push():
+        return worker.refit(run.chunks) if spmd else refit_worker(worker, run.chunks, cfg)
+
+    push()
     history = {"train": [], "eval": []}
 
     def evaluate(at: int) -> None:
         if val_pixels is not None:
             set_phase(f"evaluate step {at}")
-            ev = evaluate_heldout(run.chunks, cfg, worker, val_pixels, run.state, at, run.out / "evals")
+            # SPMD: every rank samples (the engines split the prompts); evaluate_heldout then replays the groups
+            source = Replay(sample_heldout(cfg, worker, val_pixels, at, None)) if spmd else worker
+            ev = evaluate_heldout(run.chunks, cfg, source, val_pixels, run.state, at, run.out / "evals")
             history["eval"].append({"step": at, **ev})
             run.log.scalars(at, ev, group="heldout")
 
@@ -111,16 +147,22 @@ def run_grpo(cfg: RunConfig) -> dict:
     for step in run.steps():
         timer, t_step = StepTimer(), time.perf_counter()
         with timer("rollout"):
-            episode = partial(collect_episode, cfg, worker, train_pixels, sampler, buffer, step)  # rank 0 runs it
-            rows, roll_metrics = compute_on_rank(episode, f"rollout step {step}", cfg.parallel.timeout_s)
+            episode = partial(collect_episode, cfg, worker, train_pixels, sampler, buffer, step)
+            if spmd:  # every rank in lockstep (same sampler, buffer and gathered samples), then the engines sleep
+                rows, roll_metrics = episode()
+                worker.sleep()
+            else:  # rank 0 runs it
+                rows, roll_metrics = compute_on_rank(episode, f"rollout step {step}", cfg.parallel.timeout_s)
         with timer("train"):
             metrics = train_on(rows, run, ref_chunks, train_pixels, step)
             run.scheduler.step(increment=1)
         with timer("refit"):
-            stats = refit_worker(worker, run.chunks, cfg)
+            stats = push()
         metrics.update(roll_metrics)
+        metrics["prompts/skipped_train"] = float(len(train_pixels.skipped))
         metrics.update({"refit/seconds": stats.total_seconds, "refit/gb_per_s": stats.gb_per_s,
-                        "refit/buckets": float(stats.buckets)})
+                        "refit/buckets": float(stats.buckets), "refit/bytes": float(stats.bytes),
+                        "refit/skipped_bytes": float(stats.skipped_bytes)})
         step_timing(metrics, timer, time.perf_counter() - t_step, stats.total_seconds, cfg)
         if metrics["rollout/prob_error"] > PROB_ERROR_ALARM:
             run.log.text(f"[rl] WARNING step {step}: train-vs-rollout probability error "

@@ -21,6 +21,12 @@ backward pass:
 Metrics: all-reduce (sum) `pieces.metric_vector()` over microbatches and ranks, then `metrics_from_vector`.
 The two seq-mean modes need whole sequences on a rank: no context-parallel split, no packed rows.
 
+Rollout correction (`rollout_correction_weights`, rl.rollout_correction): the engine that sampled a token is not the
+trainer (bf16 vLLM kernels vs fp32/bf16 Megatron; or an older policy for buffer replays). With w_t = π_old_train(t)
+/ π_rollout(t) per token, TIS multiplies the token's policy-gradient term by min(w_t, C) (truncated importance
+sampling); MIS keeps the term only where 1/C ≤ w_t ≤ C (masked importance sampling). The weights are constants
+(no gradient); masked tokens stay in the aggregation's count (it is fixed before the backward pass), so they add 0.
+
 Padding positions may hold anything (even NaN / −inf logprobs): they are masked with `where`, never multiplied.
 """
 
@@ -120,6 +126,32 @@ def _check_shapes(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: to
         raise ValueError(f"advantages must be [B]={logp_new.shape[0]}, got {tuple(advantages.shape)}")
 
 
+CORRECTIONS: tuple[str, ...] = ("none", "tis", "mis")
+
+
+def rollout_correction_weights(logp_old: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor, mode: str,
+                               cap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token weights, raw ratios w = π_old/π_rollout, corrected flags) for `mode` none | tis | mis with cap C.
+
+    tis: min(w, C); mis: 1 where 1/C ≤ w ≤ C else 0; none: 1. `corrected` marks valid tokens whose weight is not w
+    (TIS capped, MIS masked). Padding positions get weight 1 and are never flagged."""
+    if mode not in CORRECTIONS:
+        raise ValueError(f"rollout correction must be one of {CORRECTIONS}, got {mode!r}")
+    valid = mask != 0
+    zero = torch.zeros((), dtype=torch.float32, device=logp_old.device)
+    log_w = torch.where(valid, logp_old.detach().float() - logp_rollout.detach().float(), zero)
+    w = torch.exp(log_w.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+    one = torch.ones_like(w)
+    if mode == "tis":
+        weight, corrected = torch.minimum(w, torch.full_like(w, cap)), w > cap
+    elif mode == "mis":
+        keep = (w >= 1.0 / cap) & (w <= cap)
+        weight, corrected = keep.float(), ~keep
+    else:
+        weight, corrected = one, torch.zeros_like(valid)
+    return torch.where(valid, weight, one), w, corrected & valid
+
+
 def grpo_loss_pieces(
     logp_new: torch.Tensor,
     logp_old: torch.Tensor,
@@ -132,8 +164,11 @@ def grpo_loss_pieces(
     kl_coef: float = 0.0,
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
+    is_weight: torch.Tensor | None = None,
 ) -> LossPieces:
-    """The (sum, count) pieces of `grpo_loss` for one microbatch; gradients flow through logp_new (and entropy)."""
+    """The (sum, count) pieces of `grpo_loss` for one microbatch; gradients flow through logp_new (and entropy).
+
+    `is_weight` [B, T]: the rollout-correction weight of each token's policy-gradient term (a constant)."""
     _check_shapes(logp_new, logp_old, advantages, mask)
     valid = mask != 0
     zero = torch.zeros((), dtype=torch.float32, device=logp_new.device)
@@ -143,6 +178,10 @@ def grpo_loss_pieces(
     adv = advantages.detach().float().unsqueeze(1).expand_as(ratio)
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
     pg = -surrogate
+    if is_weight is not None:
+        if is_weight.shape != logp_new.shape:
+            raise ValueError(f"is_weight must be [B, T]={tuple(logp_new.shape)}, got {tuple(is_weight.shape)}")
+        pg = pg * is_weight.detach().float()
     per_token = pg
     kl = torch.zeros_like(pg)
     if logp_ref is not None:
@@ -190,6 +229,7 @@ def grpo_loss(
     kl_coef: float = 0.0,
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO PPO-clip loss of one whole batch (scalar, differentiable) and its token-mean metrics.
 
@@ -197,7 +237,8 @@ def grpo_loss(
     sequence. Use `grpo_loss_pieces` when the batch is split across microbatches or ranks (module docstring).
     """
     p = grpo_loss_pieces(
-        logp_new, logp_old, advantages, mask, eps_low, eps_high, agg, logp_ref, kl_coef, entropy, entropy_coef
+        logp_new, logp_old, advantages, mask, eps_low, eps_high, agg, logp_ref, kl_coef, entropy, entropy_coef,
+        is_weight,
     )
     loss = p.loss_sum / p.count.clamp_min(1).to(p.loss_sum.dtype)
     metrics = metrics_from_vector(p.metric_vector())

@@ -19,7 +19,13 @@ from megatron.core import tensor_parallel
 from megatron_r1v3.config import RLConfig
 from megatron_r1v3.metrics.entropy import vocab_parallel_entropy
 from megatron_r1v3.parallel.init import compute_device
-from megatron_r1v3.rl.loss import METRIC_KEYS, aggregation_count, grpo_loss_pieces, metrics_from_vector
+from megatron_r1v3.rl.loss import (
+    METRIC_KEYS,
+    aggregation_count,
+    grpo_loss_pieces,
+    metrics_from_vector,
+    rollout_correction_weights,
+)
 from megatron_r1v3.training.step import run_schedule
 
 # summed alongside grpo_loss_pieces' metric vector (after its num_tokens + METRIC_KEYS entries)
@@ -29,6 +35,7 @@ EXTRA_KEYS: tuple[str, ...] = (
     "crit_resp_sum", "crit_resp_n",  # Σ over responses with a critical token of their mean H there; their count
     "crit_next_sum", "crit_next_n",  # the same one position later (spec §4 "variant at t+1")
     "crit_tokens",
+    "is_tokens", "is_weight_sum", "is_corrected",  # rollout correction: valid tokens, Σ w = π_old/π_rollout, capped
 )
 
 
@@ -53,8 +60,12 @@ def policy_loss(rl: RLConfig, scale: float, batch: dict, logits: torch.Tensor):
         with torch.no_grad():
             entropy = vocab_parallel_entropy(logits.detach())
     logp = token_logprobs(logits, batch["labels"])
+    # π_old (the trainer's) over π_rollout (the engine that sampled, possibly an older policy for replays)
+    weight, w, corrected = rollout_correction_weights(batch["old_logp"], batch["rollout_logp"], mask,
+                                                      rl.rollout_correction, rl.rollout_correction_cap)
     pieces = grpo_loss_pieces(logp, batch["old_logp"], batch["adv"], mask, rl.eps_low, rl.eps_high, rl.agg,
-                              batch.get("ref_logp"), rl.kl_coef, entropy, rl.entropy_coef)
+                              batch.get("ref_logp"), rl.kl_coef, entropy, rl.entropy_coef,
+                              weight if rl.rollout_correction != "none" else None)
     with torch.no_grad():
         fresh = mask * batch["fresh"].unsqueeze(1)
         err = torch.exp((logp.detach() - batch["rollout_logp"]).abs().clamp(max=20.0))
@@ -65,8 +76,10 @@ def policy_loss(rl: RLConfig, scale: float, batch: dict, logits: torch.Tensor):
         ent = entropy.detach().float()
         crit_sum, crit_n = _per_response_mean(ent, crit)
         next_sum, next_n = _per_response_mean(ent, nxt)
+        valid = (mask != 0).double()
         extra = torch.stack([fresh.sum().double(), (err * fresh).sum().double(), crit_sum.double(),
-                             crit_n.double(), next_sum.double(), next_n.double(), crit.sum().double()])
+                             crit_n.double(), next_sum.double(), next_n.double(), crit.sum().double(),
+                             valid.sum(), (w.double() * valid).sum(), corrected.double().sum()])
     # "loss": train_step averages it over microbatches and DP, which gives exactly Σ loss_sum / total_count
     loss = pieces.loss_sum * scale
     return loss, {"loss": loss.detach().clone(), "vec": torch.cat([pieces.metric_vector(), extra])}
@@ -99,6 +112,9 @@ def reduce_metrics(outputs: list[dict]) -> dict[str, float]:
     out["rollout/critical_entropy_next"] = (extra["crit_next_sum"] / extra["crit_next_n"]
                                             if extra["crit_next_n"] else 0.0)
     out["rollout/critical_tokens"] = extra["crit_tokens"]
+    # π_old_train / π_rollout over every trained token (replays included): 1 when the engine is the trainer
+    out["rollout/is_weight_mean"] = extra["is_weight_sum"] / max(extra["is_tokens"], 1.0)
+    out["rollout/is_corrected_fraction"] = extra["is_corrected"] / max(extra["is_tokens"], 1.0)
     return out
 
 

@@ -2,19 +2,35 @@
 
 Every rank reads the same records and draws the same indices (the sampler is a pure function of seed, epoch and
 position), so a rollout can be shipped between ranks as indices + token ids, never as pixels. Images are decoded
-once per use with the project's Pillow decoder (RGB), the form vLLM's processor takes.
+once per use with the project's Pillow decoder (RGB), the form vLLM's processor takes. Files in the common
+Hugging Face benchmark layout (MMMU / MathVista: `image`, `options`, ...) are read by `data.benchmark`.
+
+A prompt longer than `rl.max_prompt_tokens` after image expansion (text + tiles x tokens per tile) is dropped
+before anything samples it (`fit_prompts`, as verl's `filter_overlong_prompts`): skipped, counted and named, never
+sent to vLLM. Its length comes from the images' headers and the one tiling rule, without decoding pixels.
 """
 
 from __future__ import annotations
 
+import io
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from PIL import Image
 
-from megatron_r1v3.data.decode_pillow import open_rgb
-from megatron_r1v3.data.records import RecordReader, Sample
+from megatron_r1v3.config import ModelConfig
+from megatron_r1v3.data.benchmark import is_benchmark_file, read_benchmark
+from megatron_r1v3.data.decode_pillow import ImageDecodeError, open_rgb
+from megatron_r1v3.data.records import RecordError, RecordReader, Sample
 from megatron_r1v3.data.template import encode_prompt_for_vllm
+from megatron_r1v3.data.tiling import TilingConfig, num_tiles
+
+log = logging.getLogger(__name__)
+_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
@@ -31,8 +47,14 @@ class Prompt:
 
 
 def load_prompts(paths: Sequence[str], root: str | None, strict: bool) -> list[Sample]:
-    """Every usable record of `paths` (bad ones skipped by RecordReader unless strict); error if none is left."""
-    samples = list(RecordReader(list(paths), root=root, strict=strict))
+    """Every usable record of `paths` (bad ones skipped by RecordReader unless strict; a benchmark file's bad row
+    is always an error: its score must cover every row); error if none is left."""
+    samples: list[Sample] = []
+    for path in paths:
+        if is_benchmark_file(path):
+            samples += read_benchmark(path, root)
+        else:
+            samples += RecordReader(path, root=root, strict=strict)
     if not samples:
         raise ValueError(f"no usable RL prompts in {list(paths)}")
     return samples
@@ -46,6 +68,87 @@ def make_prompt(sample: Sample, index: int, tokenizer) -> Prompt:
     options = (sample.meta or {}).get("options")
     return Prompt(index, sample.id or sample.source, sample.question, sample.answer, options,
                   encode_prompt_for_vllm(tokenizer, sample.question, len(images)), images)
+
+
+@dataclass
+class SkippedPrompt:
+    """A prompt left out before sampling: its position among the loaded records, name and why."""
+
+    position: int
+    id: str
+    source: str
+    tokens: int | None
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"position": self.position, "id": self.id, "source": self.source, "tokens": self.tokens,
+                "reason": self.reason}
+
+
+@dataclass
+class PromptFit:
+    """The prompts that fit the budget (`positions[i]`: sample i's position among the loaded records) and the
+    ones skipped."""
+
+    samples: list[Sample]
+    positions: list[int] = field(default_factory=list)
+    skipped: list[SkippedPrompt] = field(default_factory=list)
+
+
+def image_size(image: bytes | Path, index: int | None = None, source: str | None = None) -> tuple[int, int]:
+    """(width, height) as the model sees the image (EXIF orientation applied), read from the header only (a path
+    is not read further)."""
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
+            width, height = img.size
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception as exc:  # Pillow raises many types for a bad header
+        raise ImageDecodeError(index, source, f"{type(exc).__name__}: {exc}") from exc
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def prompt_tokens(sample: Sample, tokenizer, model: ModelConfig, max_tiles: int) -> int:
+    """Length of the prompt the engine builds: the vLLM-form ids with each `<IMG_CONTEXT>` expanded to `<img>` +
+    tiles x tokens_per_tile + `</img>` (tiles by the engine's rule: InternVL grid, thumbnail on multi-tile images)."""
+    images = list(sample.image_bytes) if sample.image_bytes is not None else list(sample.image_paths)
+    sources = sample.image_sources()
+    tiling = TilingConfig(tile_size=model.vision.image_size, max_tiles=max_tiles, use_thumbnail=True)
+    tiles = [num_tiles(*image_size(x, i, sources[i] if i < len(sources) else None), tiling)
+             for i, x in enumerate(images)]
+    ids = encode_prompt_for_vllm(tokenizer, sample.question, len(images))
+    return len(ids) + sum(t * model.tokens_per_tile + 1 for t in tiles)
+
+
+def fit_prompts(samples: Sequence[Sample], tokenizer, model: ModelConfig, max_tiles: int, max_tokens: int,
+                strict: bool = False) -> PromptFit:
+    """Drop prompts longer than `max_tokens` (and, unless `strict`, ones whose image header cannot be read),
+    logging each with its source on rank 0; every rank computes the same split. Error if none is left."""
+    fit = PromptFit([])
+    for position, sample in enumerate(samples):
+        name = sample.id or sample.source
+        try:
+            n = prompt_tokens(sample, tokenizer, model, max_tiles)
+        except (ImageDecodeError, OSError) as exc:
+            if strict:
+                raise
+            fit.skipped.append(SkippedPrompt(position, name, sample.source, None, f"unreadable image: {exc}"))
+        else:
+            if n <= max_tokens:
+                fit.samples.append(sample)
+                fit.positions.append(position)
+                continue
+            fit.skipped.append(SkippedPrompt(position, name, sample.source, n,
+                                             f"{n} tokens > rl.max_prompt_tokens={max_tokens}"))
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            log.warning("skipping prompt %s (%s): %s", name, sample.source, fit.skipped[-1].reason)
+    if samples and not fit.samples:
+        first = fit.skipped[0]
+        raise RecordError(first.source, f"{first.reason}; none of the {len(samples)} prompts is left (over"
+                          f" rl.max_prompt_tokens={max_tokens} or unreadable)")
+    if fit.skipped and (not dist.is_initialized() or dist.get_rank() == 0):
+        log.warning("skipped %d of %d prompts (over rl.max_prompt_tokens=%d or unreadable)", len(fit.skipped),
+                    len(samples), max_tokens)
+    return fit
 
 
 class PromptSampler:

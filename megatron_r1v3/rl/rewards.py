@@ -67,22 +67,22 @@ def _options_map(options: Options | None) -> dict[str, str]:
     return {_LETTERS[i]: str(v) for i, v in enumerate(options[: len(_LETTERS)])}
 
 
-def _letter_of_text(text: str, options: dict[str, str]) -> str | None:
+def _letter_of_text(text: str, options: dict[str, str], timeout_s: int | None) -> str | None:
     """The unique option whose text equals `text` (string or math equivalence), else None."""
     hits = [k for k, v in options.items() if answers_match(text, v)]
     if not hits:
-        hits = [k for k, v in options.items() if math_equivalent(text, v)]
+        hits = [k for k, v in options.items() if math_equivalent(text, v, timeout_s)]
     return hits[0] if len(hits) == 1 else None
 
 
-def _truth_letter(answer: str, options: dict[str, str]) -> str | None:
+def _truth_letter(answer: str, options: dict[str, str], timeout_s: int | None) -> str | None:
     m = _TRUTH_LETTER.match(_strip_text(answer))
     if m:
         return m.group(1)
-    return _letter_of_text(answer, options) if options else None
+    return _letter_of_text(answer, options, timeout_s) if options else None
 
 
-def _predicted_letter(pred: str, options: dict[str, str]) -> str | None:
+def _predicted_letter(pred: str, options: dict[str, str], timeout_s: int | None) -> str | None:
     m = _PRED_LETTER.match(_strip_text(pred))
     if m:
         letter, rest = m.group(1).upper(), (m.group(2) or "").strip()
@@ -90,11 +90,13 @@ def _predicted_letter(pred: str, options: dict[str, str]) -> str | None:
         if not rest or not options or letter not in options or answers_match(rest, options[letter]):
             return letter
         return None
-    return _letter_of_text(pred, options) if options else None
+    return _letter_of_text(pred, options, timeout_s) if options else None
 
 
-def math_equivalent(pred: str, truth: str, timeout_s: int = MATH_VERIFY_TIMEOUT_S) -> bool | None:
-    """math-verify equivalence of two answer strings; None when either does not parse or anything fails."""
+def math_equivalent(pred: str, truth: str, timeout_s: int | None = MATH_VERIFY_TIMEOUT_S) -> bool | None:
+    """math-verify equivalence of two answer strings; None when either does not parse or anything fails.
+
+    `timeout_s=None` runs math-verify without its own SIGALRM timer (for callers that hold their own)."""
     if _PLAIN_WORDS.match(pred.strip()) or _PLAIN_WORDS.match(truth.strip()):
         return None
     timeout = timeout_s if threading.current_thread() is threading.main_thread() else None
@@ -109,17 +111,18 @@ def math_equivalent(pred: str, truth: str, timeout_s: int = MATH_VERIFY_TIMEOUT_
         return None
 
 
-def answer_correct(pred: str | None, answer: str, mc_options: Options | None = None) -> bool:
+def answer_correct(pred: str | None, answer: str, mc_options: Options | None = None,
+                   math_timeout_s: int | None = MATH_VERIFY_TIMEOUT_S) -> bool:
     """Rule check of an extracted answer against the reference (module docstring, steps 1–3)."""
     if pred is None:
         return False
     options = _options_map(mc_options)
-    truth_letter = _truth_letter(answer, options)
+    truth_letter = _truth_letter(answer, options, math_timeout_s)
     if truth_letter is not None:
-        return _predicted_letter(pred, options) == truth_letter
+        return _predicted_letter(pred, options, math_timeout_s) == truth_letter
     if answers_match(pred, answer):
         return True
-    return bool(math_equivalent(pred, answer))
+    return bool(math_equivalent(pred, answer, math_timeout_s))
 
 
 def accuracy_reward(response: str, answer: str, mc_options: Options | None = None) -> float:
@@ -132,7 +135,7 @@ def format_reward(response: str) -> float:
     return float(is_well_formed(response))
 
 
-def _ask_verifier(verifier: Verifier, question: str, response: str, answer: str) -> bool:
+def ask_verifier(verifier: Verifier, question: str, response: str, answer: str) -> bool:
     try:
         return verifier(question, response, answer) is True
     except Exception as err:  # a judge outage must not stop training: count it as "no"
@@ -157,7 +160,7 @@ def r1v3_reward(
     pred = final_answer(response)
     acc = answer_correct(pred, answer, mc_options)
     if not acc and pred is not None and verifier is not None:
-        acc = _ask_verifier(verifier, question, response, answer)
+        acc = ask_verifier(verifier, question, response, answer)
     fmt = format_reward(response)
     accuracy = float(acc)
     return RewardBreakdown(w_acc * accuracy + w_fmt * fmt, accuracy, fmt, pred)
@@ -199,6 +202,7 @@ __all__ = [
     "Verifier",
     "accuracy_reward",
     "answer_correct",
+    "ask_verifier",
     "final_answer",
     "format_reward",
     "math_equivalent",

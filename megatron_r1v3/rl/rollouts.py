@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from megatron_r1v3.config import RunConfig
+from megatron_r1v3.config import RunConfig, prompt_token_budget
 from megatron_r1v3.data.records import Sample
 from megatron_r1v3.metrics.entropy import critical_mask
 from megatron_r1v3.parallel.wait import compute_on_rank
 from megatron_r1v3.rl.batch import Rollout
-from megatron_r1v3.rl.prompts import Prompt, make_prompt
-from megatron_r1v3.rl.rewards import score_batch
+from megatron_r1v3.rl.prompts import Prompt, fit_prompts, make_prompt
+from megatron_r1v3.rl.scoring import RewardScorer
 from megatron_r1v3.rollout.refit import RefitStats, refit
 
 
@@ -80,13 +80,16 @@ class TileCache:
 class PixelSource:
     """Tiles of a prompt's images with the rollout engine's own image processor. Only first-stage ranks call it, for
     their own rows, once per prompt and episode (`rl.batch.episode_tiles`); an LRU cache of `rl.pixel_cache_mb`
-    keeps recent prompts (held-out prompts, buffer replays) without growing with the run."""
+    keeps recent prompts (held-out prompts, buffer replays) without growing with the run. Prompts longer than
+    `rl.max_prompt_tokens` are dropped here (`rl.prompts.fit_prompts`: `skipped`, `positions`), so no sampler or
+    evaluation ever draws them."""
 
     def __init__(self, cfg: RunConfig, samples: Sequence[Sample], tokenizer):
         from megatron_r1v3.rollout.hf_export import make_image_processor
 
-        self.processor = make_image_processor(cfg.model, cfg.data.max_tiles)
-        self.samples, self.tokenizer = samples, tokenizer
+        self.processor = make_image_processor(cfg.model, cfg.data.max_tiles, cfg.data.use_thumbnail)
+        fit = fit_prompts(samples, tokenizer, cfg.model, cfg.data.max_tiles, prompt_token_budget(cfg), cfg.data.strict)
+        self.samples, self.positions, self.skipped, self.tokenizer = fit.samples, fit.positions, fit.skipped, tokenizer
         self.cache = TileCache(cfg.rl.pixel_cache_mb * 2**20)
         self.tiled = 0  # prompts tiled by this process (cache misses)
 
@@ -119,8 +122,9 @@ class RolloutWorker:
 
             self.verifier = EngineVerifier(r.verifier_model, seed=cfg.seed, kv_cache_mb=r.kv_cache_mb,
                                            gpu_memory_utilization=r.gpu_memory_utilization / 2, dtype=dtype)
+        self.scorer = RewardScorer(r.reward_workers, r.reward_timeout_s, r.w_acc, r.w_fmt, self.verifier)
         self.engine = RolloutEngine(
-            model_dir, max_model_len=r.max_prompt_tokens + longest_response(cfg), seed=cfg.seed, dtype=dtype,
+            model_dir, max_model_len=prompt_token_budget(cfg) + longest_response(cfg), seed=cfg.seed, dtype=dtype,
             kv_cache_bytes=r.kv_cache_mb * 2**20, gpu_memory_utilization=r.gpu_memory_utilization,
             max_images_per_prompt=8, max_num_seqs=max(64, r.samples_per_prompt),
         )
@@ -136,10 +140,12 @@ class RolloutWorker:
                                     top_p=r.top_p, max_tokens=max_tokens, seed=list(seeds),
                                     stop_token_ids=[m.eos_token_id], banned_token_ids=banned)
         t1 = time.perf_counter()
+        pairs = [(p, s) for p, samples in zip(prompts, outs) for s in samples]  # the whole episode in one batch
+        flat = iter(self.scorer.score([s.text for _, s in pairs], [p.answer for p, _ in pairs],
+                                      [p.question for p, _ in pairs], [p.options for p, _ in pairs]))
         groups = []
         for p, samples in zip(prompts, outs):
-            scores = score_batch([s.text for s in samples], [p.answer] * len(samples), [p.question] * len(samples),
-                                 [p.options] * len(samples), r.w_acc, r.w_fmt, self.verifier)
+            scores = [next(flat) for _ in samples]
             groups.append([
                 Rollout(p.index, s.prompt_token_ids, s.token_ids, s.logprobs, sc.total, sc.accuracy, sc.format,
                         s.finish_reason, step, critical=critical_mask(self.tokenizer, s.token_ids, r.critical_tokens),
@@ -151,6 +157,7 @@ class RolloutWorker:
         return groups
 
     def close(self) -> None:
+        self.scorer.close()
         self.engine.close()
         if self.verifier is not None:
             self.verifier.close()
@@ -163,14 +170,14 @@ def start_rollouts(cfg: RunConfig, tokenizer_dir: Path, tokenizer, model_dir: Pa
     elsewhere."""
     from megatron_r1v3.config import torch_dtype
     from megatron_r1v3.rollout.engine import rollout_dtype
-    from megatron_r1v3.rollout.hf_export import write_vllm_model_dir
+    from megatron_r1v3.rollout.hf_export import ServingSettings, write_vllm_model_dir
 
     started: list[RolloutWorker] = []
 
     def start() -> float:
         # in the dtype the engine serves (config.json's torch_dtype and the throw-away weights agree with it)
         write_vllm_model_dir(model_dir, cfg.model, tokenizer_dir, torch_dtype(rollout_dtype(cfg.rl.rollout_dtype)),
-                             max_tiles=cfg.data.max_tiles, seed=cfg.seed)
+                             seed=cfg.seed, serving=ServingSettings.from_run(cfg))  # the export's writer too
         started.append(RolloutWorker(cfg, model_dir, tokenizer))
         return started[0].engine.start_seconds
 

@@ -7,7 +7,9 @@ weights can be handed over as tensors (`refit.push_weights`). What differs by de
 `llm_kwargs` / `engine_env` (pure functions, tested on CPU): on CPU the engine runs eager with `TORCH_COMPILE_DISABLE=1`
 (avoids a g++ kernel compile the first time logprobs are asked for) in fp32; on GPU it keeps vLLM's torch.compile and
 CUDA graphs (eager only when asked) and serves bf16 by default (`rl.rollout_dtype`, `rollout_dtype`). Sleep mode
-(freeing weights / KV cache between rollouts) exists only on GPU.
+(freeing weights / KV cache between rollouts) exists only on GPU. With an `EngineWorld` the engine is one rank's
+part of a tensor-parallel engine over several trainer ranks (vLLM's `external_launcher`, `engine_group`), living
+in a torch.distributed world of its own.
 """
 
 from __future__ import annotations
@@ -93,11 +95,15 @@ def llm_kwargs(
     enable_sleep_mode: bool = False,
     max_num_seqs: int = 64,
     enforce_eager: bool | None = None,
+    tensor_parallel_size: int = 1,
+    load_format: str = "auto",
 ) -> dict:
     """The keyword arguments of vLLM's `LLM(...)` for this device (no vLLM import; `RolloutEngine` passes them).
 
     CPU: eager, a fixed KV-cache size in bytes, fp32 unless asked otherwise. GPU-only: CUDA graphs and
-    torch.compile unless `enforce_eager=True`, KV cache as a fraction of GPU memory, bf16 by default, sleep mode."""
+    torch.compile unless `enforce_eager=True`, KV cache as a fraction of GPU memory, bf16 by default, sleep mode.
+    `tensor_parallel_size > 1`: one engine over that many trainer ranks, each rank building its part in-process
+    (vLLM's `external_launcher` executor, see `EngineWorld`). `load_format="dummy"`: start without weights."""
     kwargs: dict = dict(
         model=str(model_dir), dtype=DTYPES[rollout_dtype(dtype, on_gpu)][0], seed=seed,
         # GPU only: vLLM's torch.compile + CUDA graphs (captured once at start; `reload_weights` copies new weights
@@ -106,6 +112,10 @@ def llm_kwargs(
         max_model_len=max_model_len, logprobs_mode=logprobs_mode, enable_sleep_mode=enable_sleep_mode and on_gpu,
         max_num_seqs=max_num_seqs,
     )
+    if load_format != "auto":
+        kwargs["load_format"] = load_format
+    if tensor_parallel_size > 1:
+        kwargs.update(tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="external_launcher")
     if max_images_per_prompt is not None:
         kwargs["limit_mm_per_prompt"] = {"image": max_images_per_prompt, "video": 0}
     if on_gpu:  # GPU only: KV cache sized as a fraction of device memory (colocated: leave the trainer room)
@@ -145,6 +155,64 @@ def torch_distributed_registry(registry: object | None = None) -> Iterator[objec
         c10d._world = saved
 
 
+@dataclass(frozen=True)
+class EngineWorld:
+    """Where the ranks of one tensor-parallel engine meet (vLLM `external_launcher`): this rank's place in the
+    engine, its device index, and a rendezvous address of the engine's own (each engine is a separate world)."""
+
+    rank: int  # vLLM tensor-parallel rank of this process inside its engine
+    size: int  # rl.rollout_tp
+    local_rank: int  # this process's device index on its node (vLLM binds cuda:local_rank on GPU)
+    master_addr: str
+    master_port: int
+    tag: str  # unique per engine and run: names the engine's CPU shared-memory segments
+
+
+@contextlib.contextmanager
+def launcher_env(world: EngineWorld) -> Iterator[None]:
+    """The torchrun-style variables vLLM's external launcher reads (`env://`), for one engine; restored afterwards
+    (the trainer's own RANK/WORLD_SIZE/MASTER_PORT stay what they were). Under torchrun, `env://` would otherwise
+    join the elastic agent's store (TORCHELASTIC_USE_AGENT_STORE) as a client at the engine's port, where no
+    store runs, and wait forever: the engine's rank 0 hosts its own store instead."""
+    values = {"RANK": str(world.rank), "LOCAL_RANK": str(world.local_rank), "WORLD_SIZE": str(world.size),
+              "MASTER_ADDR": world.master_addr, "MASTER_PORT": str(world.master_port),
+              "TORCHELASTIC_USE_AGENT_STORE": "False"}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_SHM_TAG: dict[str, str] = {}
+
+
+def scope_cpu_shm_names(tag: str) -> None:
+    """vLLM-CPU names a tensor-parallel group's shared-memory segment from `env://` and the group's ranks, which are
+    the same for every engine started by the external launcher (engine-local ranks 0..tp-1): two engines on one
+    host would share one segment. Prefix the name with this process's engine tag (one engine per process)."""
+    try:
+        from vllm.distributed.device_communicators import cpu_communicator as cc
+    except ImportError:  # not a CPU build
+        return
+    _SHM_TAG["tag"] = tag
+    cls = cc._CPUSHMDistributed
+    if getattr(cls, "_r1v3_scoped", False):
+        return
+
+    def make_group_name(communicator) -> str:
+        ranks = "-".join(str(r) for r in communicator.ranks)
+        return f"r1v3-{_SHM_TAG['tag']}-{communicator.unique_name}-[{ranks}]-cpushm"
+
+    cls.make_group_name = staticmethod(make_group_name)
+    cls._r1v3_scoped = True
+
+
 def _shutdown_core(core, registry: object) -> None:
     with torch_distributed_registry(registry):
         try:
@@ -170,6 +238,8 @@ class RolloutEngine:
         enable_sleep_mode: bool | None = None,
         max_num_seqs: int = 64,
         enforce_eager: bool | None = None,  # None: eager on CPU, CUDA graphs on GPU
+        world: EngineWorld | None = None,  # tensor-parallel engine across ranks (None: this process alone)
+        load_format: str = "auto",  # "dummy": start from config + tokenizer only; the first refit brings weights
     ):
         self.on_gpu = torch.cuda.is_available()
         _set_env(self.on_gpu)
@@ -183,9 +253,15 @@ class RolloutEngine:
             max_images_per_prompt=max_images_per_prompt, kv_cache_bytes=kv_cache_bytes,
             gpu_memory_utilization=gpu_memory_utilization, logprobs_mode=logprobs_mode,
             enable_sleep_mode=self.sleep_enabled, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
+            tensor_parallel_size=world.size if world else 1, load_format=load_format,
         )
+        self.world = world
+        self.events: list[str] = []  # sleep/wake calls in order (the CPU tests walk the GPU choreography)
         start = time.perf_counter()
-        with torch_distributed_registry() as self._registry:
+        with torch_distributed_registry() as self._registry, contextlib.ExitStack() as stack:
+            if world is not None and world.size > 1:
+                scope_cpu_shm_names(world.tag)
+                stack.enter_context(launcher_env(world))
             self.llm = LLM(**kwargs)
         self.start_seconds = time.perf_counter() - start
         _quiet_vllm_thread_warning()
@@ -228,7 +304,8 @@ class RolloutEngine:
         bias = {int(t): -100.0 for t in banned_token_ids or []} or None
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
                                  seed=s, stop_token_ids=list(stop_token_ids or []), logit_bias=bias) for s in seeds]
-        outputs = self.llm.generate([self._inputs(ids, imgs) for ids, imgs in prompts], params, use_tqdm=False)
+        with self.vllm_world():
+            outputs = self.llm.generate([self._inputs(ids, imgs) for ids, imgs in prompts], params, use_tqdm=False)
         result = []
         for index, out in enumerate(outputs):
             samples = []
@@ -250,7 +327,8 @@ class RolloutEngine:
         self._awake("score")
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         requests = [self._inputs(list(p) + list(r), imgs) for p, imgs, r in items]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        with self.vllm_world():
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
         result = []
         for (_, _, response), out in zip(items, outputs):
             ids, steps = out.prompt_token_ids, out.prompt_logprobs
@@ -264,27 +342,43 @@ class RolloutEngine:
         """The prompt ids after vLLM's image processing (one `<IMG_CONTEXT>` per image token)."""
         from vllm import SamplingParams
 
-        out = self.llm.generate([self._inputs(prompt_ids, images)], SamplingParams(max_tokens=1), use_tqdm=False)
+        with self.vllm_world():
+            out = self.llm.generate([self._inputs(prompt_ids, images)], SamplingParams(max_tokens=1), use_tqdm=False)
         return list(out[0].prompt_token_ids)
 
     def reset_caches(self) -> None:
         """Forget everything derived from the old weights: prefix KV blocks and encoder (image) outputs."""
-        self.llm.reset_prefix_cache()
-        self.llm.llm_engine.reset_encoder_cache()
+        with self.vllm_world():
+            self.llm.reset_prefix_cache()
+            self.llm.llm_engine.reset_encoder_cache()
+
+    def reload_weights(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Load one bucket of `(hf_name, full tensor)` into this rank's part of the engine (vLLM takes its own TP
+        slice); vLLM-CPU repacks weights, so `reload_weights` is the path that works on both devices."""
+        with self.vllm_world():
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(bucket)})
+
+    def vllm_world(self) -> contextlib.AbstractContextManager:
+        """torch.distributed as vLLM set it up for this engine (its own world); every call into vLLM runs inside."""
+        return torch_distributed_registry(self._registry)
 
     def sleep(self, level: int = 1) -> None:
         """GPU: free KV cache (and offload weights at level 1) for the trainer. CPU: no-op (no sleep mode there)."""
+        self.events.append(f"sleep({level})")
         if not self.sleep_enabled:
             log.debug("vLLM sleep mode is GPU-only; sleep() is a no-op here")
             return
-        self.llm.sleep(level=level)
+        with self.vllm_world():
+            self.llm.sleep(level=level)
         self.asleep = True
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """GPU: bring back weights and/or KV cache (`tags` = ["weights"], ["kv_cache"] or None for both)."""
+        self.events.append(f"wake_up({','.join(tags) if tags else 'all'})")
         if not self.sleep_enabled:
             return
-        self.llm.wake_up(tags=tags)
+        with self.vllm_world():
+            self.llm.wake_up(tags=tags)
         self.asleep = tags is not None and "kv_cache" not in tags
 
     def _awake(self, what: str) -> None:

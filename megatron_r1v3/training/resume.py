@@ -12,6 +12,9 @@ in `trainer_state.json`): the optimizer state and the per-rank data positions ar
 reshards freely, so `checkpoint.load=<dir> checkpoint.resume=false` continues from its weights with a fresh
 optimizer. A checkpoint that cannot be resumed raises CheckpointError on every rank together: every file is read
 and checked before the first collective of the load.
+
+A rank with nothing to train (a pipeline stage outside the trainable set: connector-only tuning at PP2 leaves the
+last stage frozen) steps, saves and resumes like the others; its optimizer files hold empty groups.
 """
 
 from __future__ import annotations
@@ -106,6 +109,35 @@ def _megatron_legacy_load_fixes():
         DistributedOptimizer._set_main_param_and_optimizer_states = original
 
 
+def _has_no_state(opt) -> bool:
+    """A distributed optimizer (torch Adam: no Apex/TE) whose Adam holds no state: this rank trains nothing (a
+    pipeline stage with no trainable parameter, e.g. connector-only tuning at PP2) or its DP shard is empty."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    inner = getattr(opt, "optimizer", None)
+    return (isinstance(opt, distrib_optimizer.DistributedOptimizer) and not distrib_optimizer.HAVE_APEX_OR_TE
+            and not opt.is_stub_optimizer and inner is not None and len(inner.state) == 0)
+
+
+def _stateless_state_dict(opt) -> dict:
+    """megatron's `DistributedOptimizer.state_dict()` for a rank whose Adam has no state: without Apex/TE it asserts
+    that the state holds exactly one Adam step (a bare AssertionError at the first save). The param groups are
+    saved with step 0 (no state uses it), which its `load_state_dict` turns back into an empty state."""
+    inner = opt.optimizer.state_dict()
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"step": 0} for g in inner["param_groups"]]
+    out = {"optimizer": {k: v for k, v in inner.items() if k != "state"} | {"param_groups": groups}}
+    if opt.grad_scaler:
+        out["grad_scaler"] = opt.grad_scaler.state_dict()
+    return out
+
+
+def optimizer_state_dict(optimizer) -> dict | list:
+    """The optimizer's non-parameter state (megatron's `state_dict()`), also on ranks with nothing to train."""
+    inner = _inner_optimizers(optimizer)
+    states = [_stateless_state_dict(o) if _has_no_state(o) else o.state_dict() for o in inner]
+    return states[0] if len(inner) == 1 else states
+
+
 def latest_step(root: str | Path) -> int | None:
     """Step number `latest` points to, or None (no checkpoint yet). Local; raises CheckpointError when it names a
     directory that does not exist."""
@@ -158,7 +190,7 @@ def save_checkpoint(root: str | Path, step: int, chunks, optimizer, scheduler, e
     if hasattr(optimizer, "save_parameter_state") and _uses_distributed_optimizer(optimizer):
         optimizer.save_parameter_state(str(tmp / "optimizer" / f"params_{tag}.pt"))  # collective over DP
     if ps.get_data_parallel_rank() == 0:
-        torch.save(optimizer.state_dict(), tmp / "optimizer" / f"common_{tag}.pt")
+        torch.save(optimizer_state_dict(optimizer), tmp / "optimizer" / f"common_{tag}.pt")
     torch.save({"rng": _rng_state(), "extra": extra or {}}, tmp / "ranks" / f"rank_{rank}.pt")
     dist.barrier()
     if rank == 0:

@@ -4,6 +4,9 @@ A microbatch is a dict: `input_ids [b, s]`, `labels [b, s]`, `loss_mask [b, s]` 
 and optionally `pixel_values [tiles, 3, S, S]` (only the first stage uses them; later stages may omit them). Every
 stage iterates the same microbatches, moved to the compute device by `to_device`; stage 0 uses the ids and pixels,
 the last stage the labels. The loss is the token mean of each microbatch, averaged over microbatches and DP.
+A microbatch collated with packing (`packed: True`, `cu_seqlens`, `max_seqlen`, `position_ids`) runs as one THD row
+of b*s tokens with megatron's `PackedSeqParams` (`models/packing.py`), so packed samples neither attend to each
+other nor share RoPE positions; the pipeline's p2p shape is then `[b*s, 1, h]`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_r1v3.models.packing import packed_seq_params_from_batch
 from megatron_r1v3.models.vlm import gather_logits
 from megatron_r1v3.parallel.init import compute_device
 from megatron_r1v3.parallel.phase import set_phase
@@ -44,8 +48,16 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _forward_step(data_iterator, model, loss_fn=token_loss):
-    batch = to_device(next(data_iterator), compute_device())
-    out = model(batch["input_ids"], pixel_values=batch.get("pixel_values"))
+    raw = next(data_iterator)
+    device = compute_device()
+    packed = packed_seq_params_from_batch(raw, device)  # checked on the host, before the copy
+    batch = to_device(raw, device)
+    shared = {k: batch[k] for k in ("image_set_of_row", "image_set_tiles") if k in batch}  # rl/batch.py
+    if packed is None:
+        out = model(batch["input_ids"], pixel_values=batch.get("pixel_values"), **shared)
+    else:
+        out = model(batch["input_ids"], position_ids=batch["position_ids"], pixel_values=batch.get("pixel_values"),
+                    packed_seq_params=packed, **shared)
     return out, partial(loss_fn, batch)
 
 
@@ -53,12 +65,19 @@ def _iterators(microbatches: list[dict], n_chunks: int):
     return [iter(microbatches) for _ in range(n_chunks)] if n_chunks > 1 else iter(microbatches)
 
 
-def _shape(microbatches: list[dict]) -> tuple[int, int]:
+def _shape(microbatches: list[dict], variable: bool = False) -> tuple[int, int]:
+    """(micro_batch_size, seq_length) of the activations the pipeline stages exchange: `[b, s]` as is, a packed
+    `[b, s]` as one THD row `[1, b*s]`. Every microbatch must agree (fixed p2p shapes) unless the model's config
+    has `variable_seq_lengths` (the stages then send each activation's shape first)."""
     b, s = microbatches[0]["input_ids"].shape
+    packed = bool(microbatches[0].get("packed"))
     for i, mb in enumerate(microbatches):
-        if tuple(mb["input_ids"].shape) != (b, s):
+        if tuple(mb["input_ids"].shape) != (b, s) and not variable:
             raise ValueError(f"microbatch {i} has shape {tuple(mb['input_ids'].shape)}, expected {(b, s)} (pad first)")
-    return b, s
+        if bool(mb.get("packed")) != packed:
+            raise ValueError(f"microbatch {i} has packed={bool(mb.get('packed'))}, microbatch 0 packed={packed}: "
+                             "one step's microbatches are all packed or none")
+    return (1, b * s) if packed else (b, s)
 
 
 def broadcast_from_last_stage(value: float) -> float:
@@ -73,7 +92,7 @@ def broadcast_from_last_stage(value: float) -> float:
 def run_schedule(chunks, microbatches: list[dict], loss_fn, forward_only: bool) -> list[dict]:
     """megatron's pipeline schedule over all microbatches; returns the loss functions' dicts (last stage only).
     Forward-only runs switch the chunks to eval mode for the duration."""
-    b, s = _shape(microbatches)
+    b, s = _shape(microbatches, bool(getattr(chunks[0].config, "variable_seq_lengths", False)))
     if forward_only:
         for c in chunks:
             c.eval()

@@ -110,6 +110,11 @@ def test_routing_decided_from_header():
 def test_dali_cpu_decode_equals_pillow_exactly(decoder56):
     items = varied_images()
     decoded = decoder56.decode(list(items.values()), list(items))
+    # DALI decoded every file it is routed (the Pillow fallback must not make this Pillow-vs-Pillow)
+    by = dict(zip(items, decoder56.last_decoders))
+    native = {k for k, v in items.items() if dali.dali_decodes_exactly(v)}
+    assert len(native) == 19 and {by[k] for k in native} == {"dali"}, by
+    assert {by[k] for k in set(items) - native} == {"pillow"}, by
     for (name, data), pixels in zip(items.items(), decoded):
         assert not isinstance(pixels, ImageDecodeError), pixels
         reference = decode_rgb(data)
@@ -138,7 +143,9 @@ def test_tiles_match_pillow_within_tolerance(tile, decoder448, decoder56):
     items = [encode(scene(w, h, seed), "JPEG", quality=92) for seed, (w, h) in enumerate(sizes)]
     items.append(encode(scene(300, 200, 9), "JPEG", quality=92, exif=exif(6)))  # upright: 200x300
     sizes.append((200, 300))
+    before = decoder.dali_decoded
     ours = decoder.decode_and_tile(items)
+    assert decoder.last_decoders == ["dali"] * len(items) and decoder.dali_decoded - before == len(items)
     ref = PillowImageDecoder(cfg).decode_and_tile(items)
     for (w, h), a, b in zip(sizes, ours, ref):
         assert a.dtype == torch.float32 and a.shape[0] == num_tiles(w, h, cfg)
@@ -169,7 +176,7 @@ def test_host_decoded_formats_tile_like_pillow(decoder56):
     assert not any(dali.dali_decodes_exactly(v) for v in items.values())
     before = decoder56.host_decoded
     ours = decoder56.decode_and_tile(list(items.values()), list(items))
-    assert decoder56.host_decoded - before == len(items)
+    assert decoder56.host_decoded - before == len(items) and decoder56.last_decoders == ["pillow"] * len(items)
     ref = PillowImageDecoder(decoder56.cfg).decode_and_tile(list(items.values()))
     for name, a, b in zip(items, ours, ref):
         _assert_within_tolerance(a, b, decoder56.cfg, False, name)
@@ -189,6 +196,8 @@ def test_bad_items_are_named_and_the_rest_decode(use_pillow, decoder56):
     names = [f"shard/img{i}.jpg" for i in range(len(batch))]
     decoder = PillowImageDecoder(decoder56.cfg) if use_pillow else decoder56
     results = decoder.decode_and_tile(batch, names)
+    if not use_pillow:
+        assert decoder.last_decoders == ["dali", "error"] * 3
     for bad in (1, 3, 5):
         err = results[bad]
         assert isinstance(err, ImageDecodeError), (bad, err)
@@ -206,6 +215,7 @@ def test_bad_item_in_later_batch_keeps_earlier_batches(decoder56):
     batch = goods[:6] + [goods[6][:100]] + goods[6:]
     results = decoder56.decode_and_tile(batch)
     assert [isinstance(r, ImageDecodeError) for r in results] == [False] * 6 + [True] + [False] * 3
+    assert decoder56.last_decoders == ["dali"] * 6 + ["error"] + ["dali"] * 3
     ref = PillowImageDecoder(decoder56.cfg).decode_and_tile(goods)
     for a, b in zip(results[:6] + results[7:], ref):
         _assert_within_tolerance(a, b, decoder56.cfg, False, "batch")

@@ -72,17 +72,32 @@ class Counting:
 
 
 def test_a_prompt_is_tiled_once_per_episode_for_this_dp_ranks_rows():
-    # G = 4 rows per prompt, interleaved; DP2 round robin: rank 0 gets rows 0, 2, 4, ... = prompts 0 and 2 only
-    rows = [_row(p, p + 1) for _ in range(4) for p in range(4)]
+    # G = 4 rows per prompt, groups contiguous (as episodes are); DP2 deals contiguous blocks: rank 0 gets prompts
+    # 0 and 1, rank 1 prompts 2 and 3, so a group's rows never straddle ranks
+    rows = [_row(p, p + 1) for p in range(4) for _ in range(4)]
     pixels = Counting()
     mbs = episode_microbatches(rows, _state(dp_rank=0), 2, M, pixels, step=0)
-    assert sorted(pixels.calls) == [0, 2]
+    assert sorted(pixels.calls) == [0, 1]
     assert len(mbs) == 4
-    for i, mb in enumerate(mbs):  # rank 0's rows, two per microbatch: prompt 0 (1 tile), prompt 2 (3 tiles)
-        assert mb["pixel_values"][:, 0, 0, 0].tolist() == [0.0, 2.0, 2.0, 2.0], i
+    for i, mb in enumerate(mbs):  # two rows of one prompt per microbatch: its tiles once, shared by both rows
+        p = i // 2
+        assert mb["pixel_values"][:, 0, 0, 0].tolist() == [float(p)] * (p + 1), i
+        assert mb["image_set_of_row"].tolist() == [0, 0] and mb["image_set_tiles"].tolist() == [p + 1], i
+    unshared = episode_microbatches(rows, _state(dp_rank=0), 2, M, pixels, step=0, share_vision=False)
+    assert [mb["pixel_values"].shape[0] for mb in unshared] == [2, 2, 4, 4]  # every row its own copy
+    assert all("image_set_of_row" not in mb for mb in unshared)
     pixels.calls.clear()
     episode_microbatches(rows, _state(dp_rank=1), 2, M, pixels, step=0)
-    assert sorted(pixels.calls) == [1, 3]
+    assert sorted(pixels.calls) == [2, 3]
+
+
+def test_mixed_microbatch_maps_each_row_to_its_set():
+    rows = [_row(1, 2), _row(0, 1), _row(1, 2), _row(2, 0)]  # prompt 2 has no image
+    pixels = Counting()
+    mbs = episode_microbatches(rows, _state(dp_rank=0, dp=1), 4, M, lambda i: None if i == 2 else pixels(i), step=0)
+    mb = mbs[0]
+    assert mb["image_set_of_row"].tolist() == [0, 1, 0, -1] and mb["image_set_tiles"].tolist() == [2, 1]
+    assert mb["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 1.0, 0.0]
 
 
 def test_ranks_off_the_first_stage_do_not_tile():
@@ -128,7 +143,12 @@ def test_pixel_source_tiles_each_prompt_once_per_episode_even_without_a_cache():
     mbs = episode_microbatches(rows, _state(dp_rank=0, dp=1), 4, M, px, step=0)
     assert px.processor_calls == 2 + 2  # 24 rows, 2 prompts with images: each tiled once in this episode
     expected = torch.cat([tiles[r.prompt_index] for r in rows if tiles[r.prompt_index] is not None])
-    assert torch.equal(torch.cat([mb["pixel_values"] for mb in mbs]), expected)
+    per_row = []  # every row's tiles, read back through the microbatch's group-shared sets
+    for mb in mbs:
+        sets = torch.split(mb["pixel_values"], mb["image_set_tiles"].tolist())
+        per_row += [sets[k] for k in mb["image_set_of_row"].tolist() if k >= 0]
+        assert mb["pixel_values"].shape[0] == sum(t.shape[0] for t in tiles.values() if t is not None)  # each once
+    assert torch.equal(torch.cat(per_row), expected)
 
 
 def test_pixel_source_cache_reuses_tiles_across_episodes_within_budget():

@@ -45,7 +45,7 @@ def test_image_token_count_check_names_the_prompt():
 def test_shard_rows_pads_every_rank_to_the_same_microbatches():
     rows = list(range(7))
     shards = [shard_rows(rows, r, 2, 2) for r in range(2)]
-    assert shards[0] == ([0, 2, 4, 6], 2) and shards[1] == ([1, 3, 5, None], 2)
+    assert shards[0] == ([0, 1, 2, 3], 2) and shards[1] == ([4, 5, 6, None], 2)  # contiguous: groups stay whole
     assert sequence_length([_rollout([1] * 10, [2] * 3)]) == 16
 
 
@@ -97,3 +97,13 @@ def test_spearman_and_ranking_by_hand():
     assert [r["checkpoint"] for r in high["ranking"]] == ["s3", "s1", "s2"] and high["best"] == "s3"
     assert high["spearman_vs_accuracy"] == pytest.approx(1.0)  # NaN entries left out of the correlation
     assert rank_checkpoints(results, prefer="low")["best"] == "s1"
+
+
+def test_budget_slices_fill_each_microbatch_up_to_the_token_budget():
+    from megatron_r1v3.rl.batch import budget_slices
+
+    rows = [_rollout([1] * p, [2] * r) for p, r in ((10, 5), (10, 6), (10, 20), (10, 1), (40, 30), (3, 2))]
+    # padded to 8: 16, 16, 32, 16, 72, 8 tokens
+    got = budget_slices(rows, budget_tokens=64, multiple=8, max_rows=3)
+    assert [(s.start, s.stop) for s in got] == [(0, 2), (2, 4), (4, 5), (5, 6)]  # 2x16, 2x32, 72 alone, 8
+    assert [(s.start, s.stop) for s in budget_slices(rows[:4], 1000, 8, 3)] == [(0, 3), (3, 4)]  # max_rows

@@ -47,8 +47,12 @@ def sft_root(tmp_path_factory) -> Path:
 
 def test_grpo_raises_reward(sft_root):
     out = sft_root / "learn"
+    # one vision forward per row, as when these thresholds were set: the group-shared forward gives the same update
+    # to 1e-8 (tests/test_bf16.py), but over 24 Adam steps that rounding moves the sampled trajectory, and this
+    # 24-step margin is thin under either setting (seed 1234: +0.032 shared / +0.057 per row; seed 7: +0.037 /
+    # +0.013). A sturdier learning check belongs to the demo's toy redesign (issue 16).
     run_to_end(rl_cmd(out, sft_root, "train.steps=24", "optimizer.lr=5e-4", "optimizer.min_lr=5e-4",
-                      "rl.eval_every=0", "checkpoint.save_every=0"))
+                      "rl.eval_every=0", "checkpoint.save_every=0", "rl.share_vision=false"))
     reward = steps(out, "reward/mean")
     first, last = sum(reward[s] for s in range(1, 7)) / 6, sum(reward[s] for s in range(19, 25)) / 6
     prob_error = steps(out, "rollout/prob_error")
@@ -58,7 +62,10 @@ def test_grpo_raises_reward(sft_root):
     assert max(prob_error.values()) < 1.001  # fp32: the engine's logprobs are the trainer's
 
 
-COMMON = ["train.steps=5", "checkpoint.save_every=2", "rl.eval_every=0"]
+# SPMD engines (one vLLM engine per rank, prompts split between them), bf16 rollouts, fp32 training, TIS active: the
+# engines' logprobs differ from the trainer's, the correction runs, and a kill -9 resume still follows the trajectory
+COMMON = ["train.steps=5", "checkpoint.save_every=2", "rl.eval_every=0", "rl.rollout_dtype=bf16",
+          "rl.rollout_correction=tis", "rl.old_logprobs=recompute", "rl.rollout_tp=1"]
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +88,16 @@ def test_kill9_resume_follows_the_same_trajectory(sft_root, ref_run):
     assert steps(ref, "accuracy", "heldout") == steps(killed, "accuracy", "heldout")
 
 
+def test_bf16_rollouts_are_importance_corrected(ref_run):
+    weight, corrected = steps(ref_run, "rollout/is_weight_mean"), steps(ref_run, "rollout/is_corrected_fraction")
+    error = steps(ref_run, "rollout/prob_error")
+    print(f"\nbf16 engine vs fp32 trainer: prob error {error}, IS weight mean {weight}, capped fraction {corrected}")
+    assert sorted(weight) == sorted(corrected) == [1, 2, 3, 4, 5]
+    assert all(1.0 < e < 1.05 for e in error.values())  # bf16 kernels: close to, but not, the trainer's policy
+    assert all(v != 1.0 and abs(v - 1.0) < 0.05 for v in weight.values())
+    assert all(0.0 <= v < 0.05 for v in corrected.values())
+
+
 def test_rerun_of_a_finished_run_changes_nothing(sft_root, ref_run):
     before = listing(ref_run)
     stdout = run_to_end(rl_cmd(ref_run, sft_root, *COMMON))  # a requeued or re-submitted job
@@ -88,21 +105,85 @@ def test_rerun_of_a_finished_run_changes_nothing(sft_root, ref_run):
     assert listing(ref_run) == before  # no checkpoint, metrics line, vLLM model dir or final held-out evaluation
 
 
+def benchmark_from_toy(toy: Path, out: Path, n: int, long_at: int) -> list[dict]:
+    """The first `n` toy held-out records in the Hugging Face benchmark layout, written by pyarrow itself: the
+    question stem without its options, `options` a list (or null), the answer as the letter (even rows) or as the
+    option's text (odd rows), the image a `datasets` Image struct with the bytes embedded; plus one prompt over
+    rl.max_prompt_tokens=256 at position `long_at`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from megatron_r1v3.data.benchmark import render_question
+
+    rows = []
+    for k, line in enumerate((toy / "val.jsonl").read_text().splitlines()[:n]):
+        rec = json.loads(line)
+        options = rec["meta"].get("options")
+        stem = rec["question"].split("\nA. ")[0] if options else rec["question"]
+        assert render_question(stem, options) == rec["question"]  # the benchmark prompt is the toy prompt
+        answer = options["ABCD".index(rec["answer"])] if options and k % 2 else rec["answer"]
+        rows.append({"id": rec["id"], "question": stem, "options": options, "answer": answer,
+                     "image": {"bytes": (toy / rec["images"][0]).read_bytes(), "path": rec["images"][0]}})
+    rows.insert(long_at, {**rows[0], "id": "long-one", "question": "Describe the image in detail. " * 60})
+    schema = pa.schema([("id", pa.string()), ("question", pa.string()), ("options", pa.list_(pa.string())),
+                        ("answer", pa.string()), ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), out)
+    return rows
+
+
 def test_eval_reproduces_the_runs_heldout_accuracy_and_selection_ranks(sft_root, ref_run):
-    common = [f"data.toy_dir={sft_root / 'toy'}", "rl.eval_prompts=16", "rl.eval_samples=2", *ENV_OVERRIDES]
+    """`r1v3 eval` on a benchmark Parquet holding the run's 16 held-out prompts and one over-long prompt (`--limit
+    17`): the same accuracy as the run's own held-out evaluation, the long prompt skipped, counted and named, the
+    engine's prompt lengths equal to ours; selection with `--max-new-tokens 16` really samples at most 16 tokens."""
+    from megatron_r1v3.data.tokenizer import load_tokenizer, toy_tokenizer
+    from megatron_r1v3.presets import load_config
+    from megatron_r1v3.rl.prompts import load_prompts, prompt_tokens
+
+    common = [f"data.toy_dir={sft_root / 'toy'}", "rl.eval_samples=2", *ENV_OVERRIDES]
     cli = [sys.executable, "-m", "megatron_r1v3.cli"]
+    bench = sft_root / "bench.parquet"
+    benchmark_from_toy(sft_root / "toy", bench, 16, long_at=3)
     out = run_to_end([*cli, "eval", "examples/tiny_cpu_rl.yaml", *common, "--checkpoint",
-                      str(ref_run / "checkpoints"), "--out", str(sft_root / "eval")])
+                      str(ref_run / "checkpoints"), "--data", str(bench), "--limit", "17", "--out",
+                      str(sft_root / "eval")])
     summary = json.loads((sft_root / "eval" / "summary.json").read_text())
     assert summary["checkpoint"].endswith("step_00000005")
-    assert summary["accuracy"] == steps(ref_run, "accuracy", "heldout")[5], out  # same seeds, same budget
-    items = (sft_root / "eval" / "items" / "step_00000005" / "step_000000.jsonl").read_text().splitlines()
-    assert len(items) == 16 and all(len(json.loads(x)["responses"]) == 2 for x in items)
-    run_to_end([*cli, "select-checkpoint", "examples/tiny_cpu_rl.yaml", *common, "--checkpoints",
-                str(ref_run / "checkpoints"), "--out", str(sft_root / "select")])
+    assert summary["accuracy"] == steps(ref_run, "accuracy", "heldout")[5], out  # same prompts, seeds, budget
+    assert summary["prompts"] == 16 and summary["skipped_prompts"] == 1 and summary["max_new_tokens"] == 96
+    assert [(s["id"], s["source"]) for s in summary["skipped"]] == [("long-one", f"{bench}:3")]
+    assert summary["skipped"][0]["tokens"] > 256 and f"[eval] skipped long-one ({bench}:3)" in out, out
+    items = [json.loads(x) for x in
+             (sft_root / "eval" / "items" / "step_00000005" / "step_000000.jsonl").read_text().splitlines()]
+    assert len(items) == 16 and all(len(x["responses"]) == 2 for x in items)
+    cfg = load_config("examples/tiny_cpu_rl.yaml", [])
+    tok = load_tokenizer(toy_tokenizer(sft_root / "tokenizers"))
+    samples = [s for s in load_prompts([str(bench)], None, False) if s.id != "long-one"]
+    assert [x["id"] for x in items] == [s.id for s in samples]
+    ours = [prompt_tokens(s, tok, cfg.model, cfg.data.max_tiles) for s in samples]
+    assert [x["prompt_tokens"] for x in items] == ours  # vLLM's expanded prompt, token for token in length
+    run_to_end([*cli, "select-checkpoint", "examples/tiny_cpu_rl.yaml", *common, "rl.eval_prompts=16",
+                "--checkpoints", str(ref_run / "checkpoints"), "--max-new-tokens", "16", "--out",
+                str(sft_root / "select")])
     sel = json.loads((sft_root / "select" / "selection.json").read_text())
     names = sorted(Path(r["checkpoint"]).name for r in sel["ranking"])
     assert names == ["step_00000002", "step_00000004", "step_00000005"]
     ent = [r["critical_entropy"] for r in sel["ranking"] if r["critical_entropy"] == r["critical_entropy"]]
     assert ent == sorted(ent, reverse=True) and sel["best"] == sel["ranking"][0]["checkpoint"]
     assert (sft_root / "select" / "best").read_text().strip() == sel["best"]
+    print(f"\nresponse length at the 96-token budget {summary['response_length']:.1f}; at 16: "
+          + ", ".join(f"{r['response_length']:.1f} (truncated {r['truncated']:.0%})" for r in sel["ranking"]))
+    assert summary["response_length"] > 16  # the budget below is what limits
+    for r in sel["ranking"]:
+        assert r["max_new_tokens"] == 16 and r["response_length"] <= 16 and r["truncated"] > 0
+        lengths = [n for line in (sft_root / "select" / "items" / Path(r["checkpoint"]).name / "step_000000.jsonl")
+                   .read_text().splitlines() for n in json.loads(line)["response_tokens"]]
+        assert len(lengths) == 32 and max(lengths) <= 16
+
+
+# issue 19: every 38B GRPO recipe at its own layout, scaled down, from this module's SFT checkpoint
+from tests.rollout.recipe_grpo_38b import GRPO, check_grpo_recipe, grpo_recipe_runs  # noqa: E402, F401
+
+
+@pytest.mark.parametrize("recipe", GRPO, ids=[r.stem for r in GRPO])
+def test_38b_grpo_recipe_at_its_layout_refits_generates_and_resumes_bit_exactly(request, recipe):
+    check_grpo_recipe(request.getfixturevalue("grpo_recipe_runs"), recipe)

@@ -1,0 +1,180 @@
+"""Refit of the SPMD engines (`engine_group`): every engine rank receives, bucket by bucket, the full HF tensors its
+vLLM shard loads (vLLM's weight loaders take their own TP slice), assembled on that rank from the training TP/PP
+shards of its model replica - no rank routes data for another - and checks them against its own manifest.
+
+Transports (`iter_engine_tensors`):
+- `shm` (host-memory weights, one host): every rank maps the shared-memory mirrors of its replica's ranks
+  (`bridge.shm`, `dst=None`) and joins TP shards itself; a push is one local copy per rank plus reads.
+- `collective` (GPU, or several hosts): per tensor, an all-gather in the training TP group and a broadcast from the
+  owning stage over the pipeline group; on GPU the tensors stay on the device and reach the in-process vLLM shard
+  by reference (same process, same GPU - no copy, no IPC handle; `rollout.ipc` is for an engine in another
+  process).
+
+Freeze-aware (`RefitPlan`): parameters that cannot change (requires_grad False under `train.trainable`, e.g. a
+frozen ViT) are pushed by the first refit only. Later plans carry every load group (`refit.group_of`: a layer or a
+top-level block) that holds at least one trainable tensor - whole groups, because vLLM reloads a module only from
+a complete group - and the manifest of each push lists exactly those names.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_r1v3.bridge.mapping import find_rule, hf_names, to_hf
+from megatron_r1v3.bridge.shard import full_shape, global_named_parameters, is_tp_sharded, join_tp_parts
+from megatron_r1v3.bridge.shm import shared_shards
+from megatron_r1v3.config import ModelConfig
+from megatron_r1v3.parallel.phase import set_phase
+from megatron_r1v3.rollout.refit import RefitStats, group_of, push_weights
+
+LAYOUT = "native"
+Entry = tuple[str, tuple[int, ...], torch.dtype, bool]  # (canonical name, full shape, dtype, trainable)
+
+
+def stage_manifests(chunks) -> list[list[Entry]]:
+    """Per pipeline stage, (name, full shape, dtype, trainable) of its parameters in model order (collective over
+    the pipeline group; trainable = requires_grad, i.e. what `train.trainable` left to the optimizer)."""
+    mine = [(name, full_shape(p), p.dtype, bool(p.requires_grad))
+            for chunk in chunks for name, p in global_named_parameters(chunk)]
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if pp == 1:
+        return [mine]
+    out: list = [None] * pp
+    dist.all_gather_object(out, mine, group=ps.get_pipeline_model_parallel_group())
+    return out
+
+
+@dataclass
+class RefitPlan:
+    """Which Megatron tensors one push carries, and the HF names its manifest expects (in stream order)."""
+
+    carry: set[str]
+    expected: list[str]
+    skipped_tensors: int = 0
+    skipped_bytes: int = 0
+    skipped_groups: list[str] = field(default_factory=list)
+
+
+def plan_refit(manifests: list[list[Entry]], model: ModelConfig, full: bool) -> RefitPlan:
+    """Everything when `full` (the first push); otherwise every load group holding a trainable tensor, whole."""
+    entries = [e for m in manifests for e in m]
+    names_of = {name: hf_names(*find_rule(name), LAYOUT) for name, *_ in entries}
+    if full:
+        carried = {g for names in names_of.values() for g in map(group_of, names)}
+    else:
+        carried = {group_of(n) for name, _, _, trainable in entries if trainable for n in names_of[name]}
+        while True:  # a Megatron tensor feeding a carried group carries all of its HF names: close over that
+            grown = carried | {group_of(n) for names in names_of.values()
+                               if any(group_of(m) in carried for m in names) for n in names}
+            if grown == carried:
+                break
+            carried = grown
+    plan = RefitPlan(set(), [])
+    for name, shape, dtype, _ in entries:
+        if any(group_of(n) in carried for n in names_of[name]):
+            plan.carry.add(name)
+            plan.expected.extend(names_of[name])
+        else:
+            plan.skipped_tensors += 1
+            plan.skipped_bytes += math.prod(shape) * dtype.itemsize
+    all_groups = {group_of(n) for names in names_of.values() for n in names}
+    plan.skipped_groups = sorted(all_groups - carried)
+    return plan
+
+
+def _tp_all_gather(param: torch.Tensor, gated: bool) -> torch.Tensor:
+    """The full tensor on every rank of the training TP group (all-gather of the shards, gated-aware join)."""
+    local = param.detach()
+    if not is_tp_sharded(param):
+        return local
+    group = ps.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(local) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return join_tp_parts(parts, param.partition_dim, gated)
+
+
+def _join_into(parts: list[torch.Tensor], dim: int, gated: bool, staging: dict[str, torch.Tensor] | None,
+               name: str) -> torch.Tensor:
+    """`join_tp_parts` into a buffer kept across pushes (`staging`): no allocation and first-touch page faults per
+    refit, the join costs one copy of the bytes."""
+    if staging is None:
+        return join_tp_parts(parts, dim, gated)
+    shape = list(parts[0].shape)
+    shape[dim] *= len(parts)
+    out = staging.get(name)
+    if out is None or list(out.shape) != shape:
+        out = staging[name] = torch.empty(shape, dtype=parts[0].dtype, device=parts[0].device)
+    order = [h for p in parts for h in p.chunk(2, dim=dim)] if gated else parts
+    if gated:
+        order = order[0::2] + order[1::2]  # [gate_0, gate_1, ..., up_0, up_1, ...]
+    return torch.cat(order, dim=dim, out=out)
+
+
+def iter_engine_tensors(chunks, manifests: list[list[Entry]], plan: RefitPlan, model: ModelConfig,
+                        transport: str = "auto", staging: dict[str, torch.Tensor] | None = None
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Collective over the model-parallel group: `(hf_name, full tensor)` of every carried tensor, on EVERY rank
+    (each engine rank feeds its own vLLM shard). transport: auto (shm when possible, else collective) | shm |
+    collective. `staging` (shm): TP-sharded tensors are joined into these buffers, kept by the caller across
+    pushes (host memory: one full copy of the sharded tensors). Every rank must drain the stream."""
+    params = {name: p for chunk in chunks for name, p in global_named_parameters(chunk)}
+    shared = shared_shards(chunks, None) if transport in ("auto", "shm") else None
+    if transport == "shm" and shared is None:
+        raise ValueError("transport='shm' needs host-memory weights and every rank of the replica on one host")
+    if shared is not None:
+        set_phase("engine refit (shm): publish")
+        shared.publish(plan.carry)
+    my_stage = ps.get_pipeline_model_parallel_rank()
+    pp_group = ps.get_pipeline_model_parallel_group() if len(manifests) > 1 else None
+    stage_ranks = dist.get_process_group_ranks(pp_group) if pp_group is not None else [dist.get_rank()]
+    device = next(iter(params.values())).device
+    for stage, manifest in enumerate(manifests):
+        set_phase(f"engine refit: stage {stage}")
+        for name, shape, dtype, _ in manifest:
+            if name not in plan.carry:
+                continue
+            if shared is not None:
+                parts, dim = shared.parts(name)
+                full = parts[0] if dim is None else _join_into(parts, dim, find_rule(name)[0].tp_gated, staging,
+                                                               name)
+            else:
+                gated = find_rule(name)[0].tp_gated
+                full = (_tp_all_gather(params[name], gated) if stage == my_stage
+                        else torch.empty(shape, dtype=dtype, device=device))
+                if pp_group is not None:
+                    full = full.contiguous()
+                    dist.broadcast(full, src=stage_ranks[stage], group=pp_group)
+            yield from to_hf(name, full, model, LAYOUT)
+    if shared is not None:
+        shared.done()
+
+
+class EngineRefit:
+    """The refits of one run's engine rank: everything the first time, afterwards only what can change."""
+
+    def __init__(self, chunks, model: ModelConfig, bucket_mb: int, transport: str = "auto",
+                 freeze_aware: bool = True):
+        self.model, self.bucket_bytes, self.transport = model, bucket_mb * 2**20, transport
+        self.freeze_aware = freeze_aware
+        self.manifests = stage_manifests(chunks)
+        self.pushes = 0
+        self.staging: dict[str, torch.Tensor] = {}  # joined TP shards (shm transport), reused by every push
+
+    def plan(self) -> RefitPlan:
+        return plan_refit(self.manifests, self.model, full=self.pushes == 0 or not self.freeze_aware)
+
+    def __call__(self, engine, chunks, label: str = "") -> RefitStats:
+        """Collective over the world: push this rank's share into `engine` (this rank's part of its engine);
+        a manifest problem on any rank stops every rank with one `RefitError` naming the tensor and the rank."""
+        plan = self.plan()
+        stream = iter_engine_tensors(chunks, self.manifests, plan, self.model, self.transport, self.staging)
+        stats = push_weights(engine, stream, plan.expected, self.bucket_bytes, agree=True, label=label)
+        stats.skipped_tensors, stats.skipped_bytes = plan.skipped_tensors, plan.skipped_bytes
+        self.pushes += 1
+        return stats
