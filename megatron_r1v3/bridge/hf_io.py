@@ -338,7 +338,7 @@ class ShardedSafetensorsWriter:
         self.written: list[str] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.written or name in self._buf:
+        if name in self.written:
             raise MappingError(f"tensor {name!r} produced twice")
         nbytes = tensor.numel() * tensor.element_size()
         if self._buf and self._buf_bytes + nbytes > self.max:

@@ -52,7 +52,8 @@ def _forward_step(data_iterator, model, loss_fn=token_loss):
     device = compute_device()
     packed = packed_seq_params_from_batch(raw, device)  # checked on the host, before the copy
     batch = to_device(raw, device)
-    shared = {k: batch[k] for k in ("image_set_of_row", "image_set_tiles") if k in batch}  # rl/batch.py
+    # rl/batch.py's group-shared image sets: index bookkeeping the model reads on the host (no device round trip)
+    shared = {k: raw[k] for k in ("image_set_of_row", "image_set_tiles") if k in raw}
     if packed is None:
         out = model(batch["input_ids"], pixel_values=batch.get("pixel_values"), **shared)
     else:
