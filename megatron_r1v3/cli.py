@@ -342,6 +342,8 @@ def _eval_config(args) -> RunConfig:
         overrides.append(f"data.val=[{args.data}]")
     if args.samples:
         overrides.append(f"rl.eval_samples={args.samples}")
+    if getattr(args, "blank_images", False):
+        overrides.append("rl.eval_blank_images=true")
     if args.temperature is not None:
         overrides.append(f"rl.eval_temperature={args.temperature}")
     if args.max_new_tokens is not None:
@@ -376,13 +378,14 @@ def cmd_eval(args) -> int:
     if isinstance(results, int):
         return results
     if _is_rank0():
-        summary = dict(results[0])
+        summary = dict(results[0], blank_images=cfg.rl.eval_blank_images)
         listed = skipped_path(out / "items" / Path(summary["checkpoint"]).name, 0)
         summary["skipped"] = [json.loads(x) for x in listed.read_text().splitlines()] if listed.is_file() else []
         write_json(out / "summary.json", summary)
         print(table(results))
+        blind = " with blank images (blind control)" if cfg.rl.eval_blank_images else ""
         print(f"[eval] avg@{cfg.rl.eval_samples} accuracy {summary['accuracy']:.4f} on {summary['prompts']:.0f} items"
-              f" (T={cfg.rl.eval_temperature}, max_new_tokens={summary['max_new_tokens']:.0f}, truncated "
+              f"{blind} (T={cfg.rl.eval_temperature}, max_new_tokens={summary['max_new_tokens']:.0f}, truncated "
               f"{summary['truncated']:.1%}); skipped {len(summary['skipped'])} over rl.max_prompt_tokens="
               f"{prompt_token_budget(cfg)}" + "".join(f"\n[eval] skipped {s['id']} ({s['source']}): {s['reason']}"
                                                      for s in summary["skipped"])
@@ -459,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "eval":
             p.add_argument("--limit", type=int, default=None,
                            help="score the first N items (default / 0: every item of the data)")
+            p.add_argument("--blank-images", action="store_true",
+                           help="blind control: every image replaced by a white one of the same size")
         p.add_argument("--out", required=True)
         p.set_defaults(func=fn)
 

@@ -195,6 +195,7 @@ class DataConfig:
     toy_train: int = 512
     toy_val: int = 64
     toy_wrong_fraction: float = 0.0  # share of SFT traces that end in a wrong answer (leaves room for RL)
+    toy_reflect_fraction: float = 0.0  # share of traces with a reasoning move ("Wait, ...", data/synthetic.py)
     toy_tasks: list[str] = field(default_factory=lambda: ["colour_mc", "shape_word", "count_number", "count_mc",
                                                           "digit_number"])  # + colour_word (data/synthetic.py)
     toy_kind: str = "sft"  # sft: reasoning traces | pretrain: captions of the same images | mixed: both
@@ -286,6 +287,7 @@ class RLConfig:
     normalize_std: bool = True
     dynamic_sampling: bool = False  # DAPO: train only on groups whose rewards differ; re-sample to fill
     dynamic_sampling_rounds: int = 3  # extra generation rounds at most when filling
+    curriculum: str = "none"  # none (shuffled epochs) | easy_to_hard (each epoch sorted by meta.difficulty)
     ssb: bool = True  # R1V2 selective sample buffer
     ssb_capacity: int = 1024
     ssb_zero_variance_threshold: float = 0.5
@@ -296,6 +298,7 @@ class RLConfig:
     eval_prompts: int = 64
     eval_samples: int = 4  # avg@k
     eval_temperature: float = 1.0
+    eval_blank_images: bool = False  # `r1v3 eval --blank-images`: the blind control (white images, same sizes)
     refit_bucket_mb: int = 512
     kv_cache_mb: int = 256  # vLLM-CPU KV cache
     gpu_memory_utilization: float = 0.5  # vLLM on GPU (colocated: leave room for the trainer)
@@ -426,6 +429,8 @@ def _rl_errors(r: RLConfig) -> list[str]:
         errors.append(f"rl.rollout_correction_cap={r.rollout_correction_cap} must be > 1")
     if r.rollout_dtype not in ("auto", "fp32", "bf16"):
         errors.append(f"rl.rollout_dtype={r.rollout_dtype!r} must be auto, fp32 or bf16")
+    if r.curriculum not in ("none", "easy_to_hard"):
+        errors.append(f"rl.curriculum={r.curriculum!r} must be none or easy_to_hard")
     if r.rollout_tp < 0:
         errors.append(f"rl.rollout_tp={r.rollout_tp} must be 0 (one engine on rank 0) or the engines' TP size >= 1")
     if r.prompts_per_step < 1 or r.samples_per_prompt < 2:

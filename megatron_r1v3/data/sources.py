@@ -74,4 +74,4 @@ def _generate_toy(cfg: RunConfig, toy_dir: Path) -> None:
     d = cfg.data
     generate_toy_dataset(toy_dir, n_train=d.toy_train, n_val=d.toy_val, seed=cfg.seed,
                          image_size=cfg.model.vision.image_size, wrong_fraction=d.toy_wrong_fraction,
-                         tasks=tuple(d.toy_tasks))
+                         tasks=tuple(d.toy_tasks), reflect_fraction=d.toy_reflect_fraction)

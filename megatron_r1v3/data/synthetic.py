@@ -10,7 +10,10 @@ Six templates over a few shapes, colours and digits (drawn with Pillow, no downl
 `pretrain_{train,val}.jsonl` caption the same images with the sentence every trace opens with (`pretrain_sample`).
 Every sample has an SFT trace `<think>\\n...\\n</think>\\n\\nThe answer is \\boxed{X}.`; `wrong_fraction` of the
 training traces deliberately reason their way to a wrong answer (the `answer` field stays right), so that RL
-starts from an imperfect SFT model. Each record's `meta` holds the facts the answer follows from.
+starts from an imperfect SFT model; `reflect_fraction` of them make a reasoning move after the first read of the
+image, as the report's traces do ("Wait, let me look at the image again." correcting a different first read, or
+"Hmm, let me look again to be sure." confirming it), so critical-token entropy has its critical tokens. Each
+record's `meta` holds the facts the answer follows from and its `difficulty` (the easy->hard curriculum).
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 DEFAULT_TASKS: tuple[str, ...] = ("colour_mc", "shape_word", "count_number", "count_mc", "digit_number")
 TASKS: tuple[str, ...] = (*DEFAULT_TASKS, "colour_word")
+# for the easy->hard curriculum (rl.curriculum): colour is one pixel statistic, a shape or a digit needs its
+# outline, counting needs every object; options (MC) make a task no harder to see
+DIFFICULTY: dict[str, int] = {"colour_mc": 1, "colour_word": 1, "shape_word": 2, "digit_number": 2,
+                              "count_mc": 3, "count_number": 3}
 BACKGROUND = (255, 255, 255)
 LETTERS = "ABCD"
 MAX_COUNT = 6
@@ -151,8 +158,10 @@ def describe(facts: dict[str, Any]) -> str:
     return f"The image shows a {facts['colour']} {facts['shape']}."
 
 
-def _ask(task: str, facts: dict[str, Any], rng: np.random.Generator, correct: bool) -> dict[str, Any]:
-    """Question, right answer, reasoning steps and the trace's final answer (wrong when `correct` is False)."""
+def _ask(task: str, facts: dict[str, Any], rng: np.random.Generator, correct: bool,
+         reflect: str | None = None) -> dict[str, Any]:
+    """Question, right answer, reasoning steps and the trace's final answer (wrong when `correct` is False); with
+    `reflect` (a REFLECT_MOVES name) the trace makes that reasoning move after its first read (`_reflect`)."""
     options = None
     if task == "colour_mc":
         truth, shape = facts["colour"], facts["shape"]
@@ -196,14 +205,48 @@ def _ask(task: str, facts: dict[str, Any], rng: np.random.Generator, correct: bo
         question = "What digit is written in the image? Answer with the digit."
         steps = [describe({"digit": said}), f"It is the digit {said}."]
         answer, final = truth, said
+    if reflect:
+        steps = _reflect(task, facts, steps, said, reflect, rng)
     return {"question": question, "answer": answer, "steps": steps, "final": final, "options": options}
 
 
-def make_item(task: str, size: int, rng: np.random.Generator, correct: bool) -> tuple[Image.Image, dict[str, Any]]:
+REFLECT_MOVES = ("fix", "confirm")
+_ASKED = {"colour_mc": ("colour", list(COLOURS)), "colour_word": ("colour", list(COLOURS)),
+          "shape_word": ("shape", list(SHAPES)), "count_number": ("count", list(range(1, MAX_COUNT + 1))),
+          "count_mc": ("count", list(range(1, MAX_COUNT + 1))), "digit_number": ("digit", list(range(10)))}
+
+
+def _reflect(task: str, facts: dict[str, Any], steps: list[str], said: str, move: str,
+             rng: np.random.Generator) -> list[str]:
+    """Insert a reasoning move after the first read of the image (`steps[0]`, which states the trace's `said`):
+    `fix` opens with a different (wrong) read, then "Wait, let me look at the image again." and the `said` read;
+    `confirm` keeps the read, then "Hmm, let me look again to be sure." and "Yes, ..." restating it."""
+    key, pool = _ASKED[task]
+    said_value = type(pool[0])(said)
+    if move == "fix":
+        first_read = describe({**facts, key: _wrong(said_value, pool, rng)})
+        return [first_read, "Wait, let me look at the image again.", *steps]
+    if move == "confirm":
+        read = steps[0]
+        return [read, "Hmm, let me look again to be sure.", f"Yes, {read[0].lower()}{read[1:]}", *steps[1:]]
+    raise ValueError(f"reflection move must be one of {REFLECT_MOVES}, got {move!r}")
+
+
+def difficulty(task: str, image: Image.Image) -> float:
+    """The task's level (`DIFFICULTY`) plus the share of the image the drawing leaves blank: within a task, less
+    ink (a small triangle) is a harder read than a large square. In [level, level + 1]."""
+    ink = float((np.asarray(image) != np.asarray(BACKGROUND, dtype=np.uint8)).any(axis=-1).mean())
+    return round(DIFFICULTY[task] + 1.0 - ink, 4)
+
+
+def make_item(task: str, size: int, rng: np.random.Generator, correct: bool,
+              reflect: str | None = None) -> tuple[Image.Image, dict[str, Any]]:
     """Draw one sample of `task`; returns the image and a dict of question, answer, response and meta."""
     image, facts = _draw(task, size, rng)
-    qa = _ask(task, facts, rng, correct)
-    meta: dict[str, Any] = {"task": task, "trace_correct": correct, **facts}
+    qa = _ask(task, facts, rng, correct, reflect)
+    meta: dict[str, Any] = {"task": task, "difficulty": difficulty(task, image), "trace_correct": correct, **facts}
+    if reflect:
+        meta["reflection"] = reflect
     if qa["options"]:
         meta["options"] = qa["options"]
     meta["trace_answer"] = qa["final"]
@@ -252,6 +295,17 @@ def wrong_indices(n: int, wrong_fraction: float, seed: int, split: str) -> set[i
     return {int(i) for i in rng.choice(n, size=k, replace=False)} if k else set()
 
 
+def reflection_moves(n: int, reflect_fraction: float, seed: int, split: str) -> dict[int, str]:
+    """Exactly round(n * reflect_fraction) sample indices whose trace makes a reasoning move, and which move
+    (`fix` and `confirm` alternate over the chosen indices in order), chosen from the seed."""
+    if not 0.0 <= reflect_fraction <= 1.0:
+        raise ValueError(f"reflect_fraction must be in [0, 1], got {reflect_fraction}")
+    k = int(round(n * reflect_fraction))
+    rng = np.random.default_rng([seed, _SPLIT_CODES[split], 104729])
+    chosen = sorted(int(i) for i in rng.choice(n, size=k, replace=False)) if k else []
+    return {i: REFLECT_MOVES[j % len(REFLECT_MOVES)] for j, i in enumerate(chosen)}
+
+
 def generate_split(
     out_dir: Path,
     split: str,
@@ -261,6 +315,7 @@ def generate_split(
     wrong_fraction: float = 0.0,
     image_format: str = "png",
     tasks: tuple[str, ...] = DEFAULT_TASKS,
+    reflect_fraction: float = 0.0,
 ) -> list[Sample]:
     """Draw and save n samples of one split (images under out_dir/images/<split>/); returns the samples.
 
@@ -271,11 +326,13 @@ def generate_split(
     image_dir = out_dir / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     wrong = wrong_indices(n, wrong_fraction, seed, split)
+    moves = reflection_moves(n, reflect_fraction, seed, split)
     suffix = "png" if image_format == "png" else "jpg"
     samples = []
     for index in range(n):
         rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
-        image, fields = make_item(tasks[index % len(tasks)], image_size, rng, correct=index not in wrong)
+        image, fields = make_item(tasks[index % len(tasks)], image_size, rng, correct=index not in wrong,
+                                  reflect=moves.get(index))
         rel = f"images/{split}/{index:06d}.{suffix}"
         (out_dir / rel).write_bytes(encode_image(image, image_format))
         samples.append(Sample(images=[rel], image_paths=[out_dir / rel], id=f"toy-{split}-{index:06d}", **fields))
@@ -292,16 +349,19 @@ def generate_toy_dataset(
     image_format: str = "png",
     parquet: bool = False,
     tasks: tuple[str, ...] = DEFAULT_TASKS,
+    reflect_fraction: float = 0.0,
 ) -> ToyDataset:
     """Write train/val JSONL (+ images, + optional Parquet with embedded images) of the toy task.
 
     `wrong_fraction` applies to the training traces only; validation traces are always correct.
+    `reflect_fraction` of the traces of both splits make a reasoning move (`reflection_moves`).
     """
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path | None] = {}
     for split, n, frac in (("train", n_train, wrong_fraction), ("val", n_val, 0.0)):
-        samples = generate_split(root, split, n, seed, image_size, frac, image_format, tuple(tasks))
+        samples = generate_split(root, split, n, seed, image_size, frac, image_format, tuple(tasks),
+                                 reflect_fraction)
         paths[f"{split}_jsonl"] = root / f"{split}.jsonl"
         write_jsonl(paths[f"{split}_jsonl"], samples)
         write_jsonl(root / f"pretrain_{split}.jsonl", [pretrain_sample(s) for s in samples])

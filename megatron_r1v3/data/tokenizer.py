@@ -132,7 +132,8 @@ def build_toy_tokenizer(out_dir: str | os.PathLike, corpus_texts: Iterable[str],
 
 
 def toy_corpus(n_per_task: int = 48, seed: int = 0) -> list[str]:
-    """Questions, answers and SFT traces (right and wrong) of every toy task, from `synthetic.make_item`."""
+    """Questions, answers and SFT traces (right and wrong, some with a reasoning move) of every toy task, from
+    `synthetic.make_item`."""
     import numpy as np
 
     from megatron_r1v3.data.synthetic import TASKS, make_item
@@ -141,7 +142,8 @@ def toy_corpus(n_per_task: int = 48, seed: int = 0) -> list[str]:
     for task_index, task in enumerate(TASKS):
         for index in range(n_per_task):
             rng = np.random.default_rng([seed, task_index, index])
-            _, fields = make_item(task, 32, rng, correct=index % 4 != 3)
+            move = {5: "fix", 6: "confirm"}.get(index % 8)  # traces with a reasoning move ("Wait, ...")
+            _, fields = make_item(task, 32, rng, correct=index % 4 != 3, reflect=move)
             texts += [fields["question"], fields["response"], fields["answer"]]
     return texts
 

@@ -23,6 +23,7 @@ from megatron_r1v3.parallel import init_parallel
 from megatron_r1v3.rl.evaluate import evaluate_heldout
 from megatron_r1v3.rl.prompts import load_prompts
 from megatron_r1v3.rl.rollouts import PixelSource, refit_worker, start_rollouts
+from megatron_r1v3.rl.spmd_rollouts import start_engine_group
 
 
 def checkpoint_dirs(path: str | Path) -> list[Path]:
@@ -37,19 +38,28 @@ def checkpoint_dirs(path: str | Path) -> list[Path]:
 
 
 def evaluate_checkpoints(cfg: RunConfig, paths: list[Path], out_dir: Path) -> list[dict]:
-    """Collective: evaluate each checkpoint in turn with one engine; rank 0 writes per-item JSONL per checkpoint."""
+    """Collective: evaluate each checkpoint in turn with the run's engines (`rl.rollout_tp`: SPMD on every rank, or
+    one on rank 0); rank 0 writes per-item JSONL per checkpoint."""
     state = init_parallel(cfg)
     sources = prepare_data(cfg, state.rank)
     if not sources.val:
         raise ValueError("evaluation needs held-out data: set data.val (or use the toy task)")
-    pixels = PixelSource(cfg, load_prompts(sources.val, sources.root, cfg.data.strict), sources.tokenizer)
+    pixels = PixelSource(cfg, load_prompts(sources.val, sources.root, cfg.data.strict), sources.tokenizer,
+                         blank_images=cfg.rl.eval_blank_images)
     chunks = build_model(cfg, init=False)
-    worker = start_rollouts(cfg, sources.tokenizer_dir, sources.tokenizer, out_dir / "vllm_model")
+    spmd = cfg.rl.rollout_tp > 0  # the engines GRPO runs: SPMD on every rank (they split the prompts) or rank 0's
+    if spmd:
+        worker = start_engine_group(cfg, sources.tokenizer_dir, sources.tokenizer, out_dir / "vllm_model", chunks)
+    else:
+        worker = start_rollouts(cfg, sources.tokenizer_dir, sources.tokenizer, out_dir / "vllm_model")
     results = []
     for path in paths:
         check_checkpoint_model(cfg.model, path)
         load_initial_weights(chunks, str(path))
-        refit_worker(worker, chunks, cfg)
+        if spmd:
+            worker.refit(chunks)
+        else:
+            refit_worker(worker, chunks, cfg)
         items_dir = out_dir / "items" / path.name if state.rank == 0 else None
         ev = evaluate_heldout(chunks, cfg, worker, pixels, state, 0, items_dir)
         results.append({"checkpoint": str(path), **ev})

@@ -18,7 +18,7 @@ from megatron_r1v3.parallel.phase import set_phase
 from megatron_r1v3.parallel.wait import compute_on_rank
 from megatron_r1v3.rl.batch import Rollout, episode_microbatches
 from megatron_r1v3.rl.policy_loss import policy_loss, reduce_metrics
-from megatron_r1v3.rl.rollouts import PixelSource, RolloutWorker, longest_response, sampling_seeds
+from megatron_r1v3.rl.rollouts import PixelSource, longest_response, sampling_seeds
 from megatron_r1v3.training.step import run_schedule
 
 EVAL_SEED_STEP = -1  # sampling_seeds(step=-1): fixed across evaluations
@@ -41,10 +41,10 @@ def skipped_path(out_dir: Path, step: int) -> Path:
     return out_dir / f"step_{step:06d}.skipped.jsonl"
 
 
-def sample_heldout(cfg: RunConfig, worker: RolloutWorker, pixels: PixelSource, step: int,
+def sample_heldout(cfg: RunConfig, worker, pixels: PixelSource, step: int,
                    out_dir: Path | None) -> list[list[Rollout]]:
-    """Rank 0: `rl.eval_samples` scored responses for each usable held-out prompt in scope (`in_scope`); writes
-    per-item JSONL and the skipped prompts under `out_dir`."""
+    """Rank 0 (every rank with SPMD engines): `rl.eval_samples` scored responses for each usable held-out prompt
+    in scope (`in_scope`); writes per-item JSONL and the skipped prompts under `out_dir`."""
     r = cfg.rl
     n = sum(in_scope(cfg, pos) for pos in pixels.positions)  # positions ascend: the kept prompts 0..n-1
     prompts = [pixels.prompt(i) for i in range(n)]
@@ -66,12 +66,17 @@ def sample_heldout(cfg: RunConfig, worker: RolloutWorker, pixels: PixelSource, s
     return groups
 
 
-def evaluate_heldout(chunks, cfg: RunConfig, worker: RolloutWorker | None, pixels: PixelSource, state, step: int,
+def evaluate_heldout(chunks, cfg: RunConfig, worker, pixels: PixelSource, state, step: int,
                      out_dir: Path | None = None) -> dict[str, float]:
-    """Collective. Rank 0 samples (`sample_heldout`; the other ranks wait as long as it is alive, `parallel.wait`);
-    every rank joins the teacher-forced entropy pass."""
-    groups = compute_on_rank(partial(sample_heldout, cfg, worker, pixels, step, out_dir),
-                             f"held-out sampling (step {step})", cfg.parallel.timeout_s)
+    """Collective. With the rank-0 engine (`rl.rollout_tp=0`) rank 0 samples (`sample_heldout`; the other ranks wait
+    as long as it is alive, `parallel.wait`); with SPMD engines every rank samples with its engine (the engines
+    split the prompts and gather the groups) and rank 0 writes the items. Every rank joins the teacher-forced
+    entropy pass."""
+    if cfg.rl.rollout_tp > 0:
+        groups = sample_heldout(cfg, worker, pixels, step, out_dir if state.rank == 0 else None)
+    else:
+        groups = compute_on_rank(partial(sample_heldout, cfg, worker, pixels, step, out_dir),
+                                 f"held-out sampling (step {step})", cfg.parallel.timeout_s)
     rows = [x for g in groups for x in g]
     set_phase(f"held-out teacher-forced pass (step {step})")
     nan = float("nan")  # nothing in scope fits the prompt budget: no samples, nothing to teacher-force

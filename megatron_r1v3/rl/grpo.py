@@ -26,12 +26,12 @@ from megatron_r1v3.parallel.wait import compute_on_rank
 from megatron_r1v3.rl.batch import episode_microbatches, vision_counts
 from megatron_r1v3.rl.buffer import SelectiveSampleBuffer
 from megatron_r1v3.rl.episode import collect_episode
-from megatron_r1v3.rl.evaluate import evaluate_heldout, sample_heldout
+from megatron_r1v3.rl.evaluate import evaluate_heldout
 from megatron_r1v3.rl.loss import PROB_ERROR_ALARM
 from megatron_r1v3.rl.policy_loss import count_units, loss_function, reduce_metrics, write_logprobs
-from megatron_r1v3.rl.prompts import PromptSampler, load_prompts
+from megatron_r1v3.rl.prompts import PromptSampler, difficulties, load_prompts
 from megatron_r1v3.rl.rollouts import PixelSource, refit_worker, start_rollouts
-from megatron_r1v3.rl.spmd_rollouts import Replay, start_engine_group
+from megatron_r1v3.rl.spmd_rollouts import start_engine_group
 from megatron_r1v3.training.freeze import trainable_patterns
 from megatron_r1v3.training.logger import StepTimer
 from megatron_r1v3.training.run import TrainingRun
@@ -105,7 +105,8 @@ def run_grpo(cfg: RunConfig) -> dict:
     train_pixels = PixelSource(cfg, load_prompts(src.train, src.root, cfg.data.strict), src.tokenizer)
     val_pixels = PixelSource(cfg, load_prompts(src.val, src.root, cfg.data.strict), src.tokenizer) if src.val else None
     ref_chunks = run.initial_model(frozen=True) if r.kl_coef else None
-    sampler = PromptSampler(len(train_pixels.samples), cfg.seed)
+    sampler = PromptSampler(len(train_pixels.samples), cfg.seed, difficulty=difficulties(train_pixels.samples)
+                            if cfg.rl.curriculum == "easy_to_hard" else None)
     buffer = (SelectiveSampleBuffer(r.ssb_capacity, r.ssb_zero_variance_threshold, r.ssb_max_replay_fraction,
                                     max_age=r.ssb_max_age, seed=cfg.seed) if r.ssb else None)
     # rank 0 decides the episodes, so its sampler and buffer are the ones that matter (others stay empty)
@@ -136,9 +137,7 @@ def run_grpo(cfg: RunConfig) -> dict:
     def evaluate(at: int) -> None:
         if val_pixels is not None:
             set_phase(f"evaluate step {at}")
-            # SPMD: every rank samples (the engines split the prompts); evaluate_heldout then replays the groups
-            source = Replay(sample_heldout(cfg, worker, val_pixels, at, None)) if spmd else worker
-            ev = evaluate_heldout(run.chunks, cfg, source, val_pixels, run.state, at, run.out / "evals")
+            ev = evaluate_heldout(run.chunks, cfg, worker, val_pixels, run.state, at, run.out / "evals")
             history["eval"].append({"step": at, **ev})
             run.log.scalars(at, ev, group="heldout")
 

@@ -60,11 +60,18 @@ def load_prompts(paths: Sequence[str], root: str | None, strict: bool) -> list[S
     return samples
 
 
-def make_prompt(sample: Sample, index: int, tokenizer) -> Prompt:
-    """Decode the images and encode the question in the R1V3 template (vLLM form)."""
+BLANK_RGB = (255, 255, 255)
+
+
+def make_prompt(sample: Sample, index: int, tokenizer, blank_images: bool = False) -> Prompt:
+    """Decode the images and encode the question in the R1V3 template (vLLM form). `blank_images` (the blind
+    control of `r1v3 eval --blank-images`): every image becomes a white one of the same size, so the prompt, the
+    tiling and the token count stay those of the real item and only what the image shows is gone."""
     blobs = sample.load_images()
     sources = sample.image_sources()
     images = [open_rgb(b, i, sources[i] if i < len(sources) else None) for i, b in enumerate(blobs)]
+    if blank_images:
+        images = [Image.new("RGB", img.size, BLANK_RGB) for img in images]
     options = (sample.meta or {}).get("options")
     return Prompt(index, sample.id or sample.source, sample.question, sample.answer, options,
                   encode_prompt_for_vllm(tokenizer, sample.question, len(images)), images)
@@ -151,20 +158,43 @@ def fit_prompts(samples: Sequence[Sample], tokenizer, model: ModelConfig, max_ti
     return fit
 
 
-class PromptSampler:
-    """Endless epochs over `n` prompts, each epoch a fresh permutation from (seed, epoch); state = (epoch, pos)."""
+def difficulties(samples: Sequence[Sample]) -> list[float]:
+    """Each record's `meta.difficulty` (or `meta.level`, as MathVision and MMK12 exports name it), for the easy->hard
+    curriculum; a record without one is an error naming it."""
+    out = []
+    for s in samples:
+        meta = s.meta or {}
+        value = meta.get("difficulty", meta.get("level"))
+        try:
+            out.append(float(value))
+        except (TypeError, ValueError):
+            raise RecordError(s.source, f"rl.curriculum=easy_to_hard needs a numeric meta.difficulty (or meta.level)"
+                              f" on every prompt; {s.id or s.source} has {value!r}") from None
+    return out
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
+
+class PromptSampler:
+    """Endless epochs over `n` prompts, each epoch a fresh permutation from (seed, epoch); state = (epoch, pos).
+    With `difficulty` (one number per prompt: the easy->hard curriculum) each epoch's permutation is stably sorted
+    from easy to hard, so ties stay shuffled and every epoch climbs again."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, difficulty: Sequence[float] | None = None):
         if n < 1:
             raise ValueError("PromptSampler needs at least one prompt")
+        if difficulty is not None and len(difficulty) != n:
+            raise ValueError(f"PromptSampler: {len(difficulty)} difficulties for {n} prompts")
         self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.difficulty = list(difficulty) if difficulty is not None else None
         self.epoch, self.pos = 0, 0
 
     def _order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.n, generator=g).tolist()
+        order = list(range(self.n))
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        if self.difficulty is not None:
+            order.sort(key=lambda i: self.difficulty[i])  # stable: shuffled within a difficulty
+        return order
 
     def take(self, k: int) -> list[int]:
         """The next `k` prompt indices (crossing epochs as needed)."""

@@ -84,7 +84,7 @@ class PixelSource:
     `rl.max_prompt_tokens` are dropped here (`rl.prompts.fit_prompts`: `skipped`, `positions`), so no sampler or
     evaluation ever draws them."""
 
-    def __init__(self, cfg: RunConfig, samples: Sequence[Sample], tokenizer):
+    def __init__(self, cfg: RunConfig, samples: Sequence[Sample], tokenizer, blank_images: bool = False):
         from megatron_r1v3.rollout.hf_export import make_image_processor
 
         self.processor = make_image_processor(cfg.model, cfg.data.max_tiles, cfg.data.use_thumbnail)
@@ -92,9 +92,10 @@ class PixelSource:
         self.samples, self.positions, self.skipped, self.tokenizer = fit.samples, fit.positions, fit.skipped, tokenizer
         self.cache = TileCache(cfg.rl.pixel_cache_mb * 2**20)
         self.tiled = 0  # prompts tiled by this process (cache misses)
+        self.blank_images = blank_images  # the blind control: white images (`make_prompt`)
 
     def prompt(self, index: int) -> Prompt:
-        return make_prompt(self.samples[index], index, self.tokenizer)
+        return make_prompt(self.samples[index], index, self.tokenizer, self.blank_images)
 
     def __call__(self, index: int) -> torch.Tensor | None:
         if index in self.cache:

@@ -132,13 +132,3 @@ def start_engine_group(cfg: RunConfig, tokenizer_dir: Path, tokenizer, model_dir
                               ServingSettings.from_run(cfg))
     dist.barrier()
     return EngineGroupWorker(cfg, engine_dir, tokenizer, chunks)
-
-
-class Replay:
-    """Samples already drawn collectively, handed to code that samples on rank 0 only (`rl.evaluate`)."""
-
-    def __init__(self, groups: list[list[Rollout]]):
-        self.groups = groups
-
-    def sample(self, *args, **kwargs) -> list[list[Rollout]]:
-        return self.groups

@@ -14,6 +14,7 @@ PRESETS = {
     "full": (r".*",),
     "connector_only": (r"^mlp1\.",),
     "freeze_vision": (r"^mlp1\.", r"^language_model\."),
+    "freeze_connector": (r"^vision_model\.", r"^language_model\."),  # the report's RL ablation (tools/findings.py)
 }
 
 

@@ -1,4 +1,5 @@
-"""Toy task generator: determinism, answers re-derived from metadata and pixels, trace format, wrong_fraction."""
+"""Toy task generator: determinism, answers re-derived from metadata and pixels, trace format, wrong_fraction,
+reflection moves."""
 
 import re
 from collections import Counter
@@ -16,6 +17,7 @@ from megatron_r1v3.data.synthetic import (
     LETTERS,
     generate_split,
     generate_toy_dataset,
+    reflection_moves,
     wrong_indices,
 )
 from megatron_r1v3.data.tiling import TilingConfig, tile_image_pillow
@@ -161,3 +163,40 @@ def test_colour_word_task(tmp_path):
         assert s.answer == expected_answer(s.meta) and s.question.endswith("Answer with one word.")
         said = s.response.split("\\boxed{")[1].split("}")[0]
         assert (said == s.answer) == s.meta["trace_correct"]
+
+
+def test_reflection_moves_fix_or_confirm_the_first_read_and_leave_other_traces_unchanged(tmp_path):
+    tasks = ("colour_word", "shape_word")
+    plain = generate_split(tmp_path / "a", "train", 40, seed=5, wrong_fraction=0.25, tasks=tasks)
+    moved = generate_split(tmp_path / "b", "train", 40, seed=5, wrong_fraction=0.25, tasks=tasks, reflect_fraction=0.5)
+    moves = reflection_moves(40, 0.5, 5, "train")
+    assert len(moves) == 20 and Counter(moves.values()) == {"fix": 10, "confirm": 10}
+    assert reflection_moves(40, 0.5, 5, "train") == moves and reflection_moves(40, 0.0, 5, "train") == {}
+    with pytest.raises(ValueError, match="reflect_fraction"):
+        reflection_moves(4, 1.5, 0, "train")
+    for i, (a, b) in enumerate(zip(plain, moved)):
+        assert a.images == b.images and a.answer == b.answer and a.meta["trace_answer"] == b.meta["trace_answer"]
+        level = {"colour_word": 1, "shape_word": 2}[b.meta["task"]]
+        assert b.meta.get("reflection") == moves.get(i) and level < b.meta["difficulty"] < level + 1
+        reasoning = TRACE.fullmatch(b.response).group(1)
+        sentences = reasoning.split(". ")
+        first_read = a.response.split("\n")[1].split(". ")[0]  # the plain trace's read states the trace's answer
+        if i not in moves:
+            assert b.response == a.response
+        elif moves[i] == "fix":  # a different first read, the move, then the plain trace
+            assert sentences[0] != first_read and sentences[0].startswith("The image shows")
+            assert sentences[1] == "Wait, let me look at the image again"
+            assert reasoning.endswith(TRACE.fullmatch(a.response).group(1))
+        else:  # the read, the move, "Yes," restating it
+            assert sentences[0] == first_read and sentences[1] == "Hmm, let me look again to be sure"
+            assert sentences[2] == "Yes, " + first_read[0].lower() + first_read[1:]
+
+
+def test_difficulty_is_the_level_plus_the_blank_share_of_the_image():
+    from megatron_r1v3.data.synthetic import difficulty
+
+    blank, full = Image.new("RGB", (10, 10), BACKGROUND), Image.new("RGB", (10, 10), COLOURS["red"])
+    half = Image.new("RGB", (10, 10), BACKGROUND)
+    half.paste(COLOURS["blue"], (0, 0, 10, 5))
+    assert difficulty("colour_word", full) == 1.0 and difficulty("colour_word", half) == 1.5
+    assert difficulty("count_mc", blank) == 4.0 and difficulty("shape_word", half) == 2.5

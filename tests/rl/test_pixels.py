@@ -165,3 +165,23 @@ def test_pipeline_stage_zero_alone_tiles_and_logits_are_unchanged_at_pp2():
     assert first["stage"] == 0 and first["tiled"] == [0, 1, 2] and all(first["pixels"])
     assert last["stage"] == 1 and last["tiled"] == [] and not any(last["pixels"])
     assert last["same"] and last["finite"] and last["pixels_matter"]
+
+
+def test_blank_images_keep_the_prompt_and_its_size_and_drop_what_the_image_shows(tmp_path):
+    """The blind control (`r1v3 eval --blank-images`): same ids, same image size and tile count, white pixels."""
+    from megatron_r1v3.data.synthetic import generate_split
+    from megatron_r1v3.data.tokenizer import load_tokenizer, toy_tokenizer
+    from megatron_r1v3.rl.prompts import BLANK_RGB, make_prompt
+
+    tok = load_tokenizer(toy_tokenizer(tmp_path / "tok"))
+    samples = generate_split(tmp_path, "val", 2, seed=1, tasks=("colour_word",))
+    cfg = load_config(None, ["model.preset=tiny"])
+    seen, blind = PixelSource(cfg, samples, tok), PixelSource(cfg, samples, tok, blank_images=True)
+    for i in range(2):
+        real, blank = seen.prompt(i), blind.prompt(i)
+        assert real.prompt_ids == blank.prompt_ids and real.answer == blank.answer
+        assert [im.size for im in real.images] == [im.size for im in blank.images]
+        assert {c for im in blank.images for _, c in im.getcolors()} == {BLANK_RGB}
+        assert len({c for im in real.images for _, c in im.getcolors()}) > 1  # the real one shows a shape
+        assert seen(i).shape == blind(i).shape and not torch.equal(seen(i), blind(i))
+    assert make_prompt(samples[0], 0, tok, blank_images=True).images[0].size == (56, 56)

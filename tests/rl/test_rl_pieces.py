@@ -63,6 +63,27 @@ def test_prompt_sampler_resumes_mid_epoch():
         PromptSampler(6, seed=3).load_state_dict(state)
 
 
+def test_easy_to_hard_curriculum_orders_every_epoch_and_names_a_record_without_difficulty():
+    from megatron_r1v3.data.records import RecordError, Sample
+    from megatron_r1v3.rl.prompts import difficulties
+
+    levels = [3, 1, 2, 1, 3, 2, 1]
+    sampler = PromptSampler(7, seed=5, difficulty=levels)
+    for _ in range(2):  # every epoch climbs again: easy first, ties in a seeded shuffle
+        epoch = sampler.take(7)
+        assert sorted(epoch) == list(range(7)) and [levels[i] for i in epoch] == sorted(levels)
+    orders = {tuple(PromptSampler(7, seed=s, difficulty=levels).take(3)) for s in range(6)}
+    assert len(orders) > 1  # the easy prompts come in a seeded shuffle, not in file order
+    samples = [Sample(question="q", answer="a", id="a1", meta={"difficulty": 2}),
+               Sample(question="q", answer="a", id="a2", meta={"level": "3"})]
+    assert difficulties(samples) == [2.0, 3.0]
+    samples.append(Sample(question="q", answer="a", id="a3", meta={}, source="rl.jsonl:3"))
+    with pytest.raises(RecordError, match="rl.jsonl:3.*a3 has None"):
+        difficulties(samples)
+    with pytest.raises(ValueError, match="2 difficulties for 3 prompts"):
+        PromptSampler(3, seed=0, difficulty=[1, 2])
+
+
 class _CharTokenizer:
     def decode(self, ids):
         return "".join(chr(i) for i in ids)
