@@ -27,11 +27,13 @@ def test_every_arm_is_a_valid_recipe_that_differs_from_the_baseline_only_by_its_
 
 def test_verdicts_and_repetition_read_the_numbers_they_are_given():
     assert repeated("a b c a b c") and not repeated("the image shows a red circle")
-    base = [{"accuracy": 0.60, "repetition": 0.0, "reward_last": 0.6, "reward_sd": 0.05}] * 3
-    worse = [{"accuracy": 0.30, "repetition": 0.4, "reward_last": 0.3, "reward_sd": 0.02}] * 3
+    base = [{"accuracy": 0.60, "format": 0.9, "repetition": 0.0, "reward_last": 0.6, "reward_sd": 0.05}] * 3
+    worse = [{"accuracy": 0.30, "format": 0.3, "repetition": 0.4, "reward_last": 0.3, "reward_sd": 0.02}] * 3
     assert verdict("connector_frozen", base, worse).startswith("reproduced")
     assert verdict("connector_frozen", base, base).startswith("not reproduced")
     assert verdict("vit_frozen", base, base).startswith("reproduced")
     assert verdict("vit_frozen", base, worse).startswith("not reproduced")
     assert verdict("curriculum", base, worse).startswith("reproduced")
     assert verdict("dynamic_sampling", base, worse).startswith("reproduced")
+    assert verdict("dynamic_sampling", base, base).startswith("partly reproduced")  # no gain, not steadier
+    assert "collapsed (< 0.5 well-formed): 3 of 3 (baseline 0 of 3)" in verdict("connector_frozen", base, worse)
