@@ -70,6 +70,7 @@ def run_summary(run_dir: Path) -> dict[str, float]:
     responses = [t for item in items for t in item["responses"]]
     rewards = [train[s]["reward/mean"] for s in sorted(train)]
     return {"accuracy": last["accuracy"], "sft_accuracy": evals[min(evals)]["accuracy"], "format": last["format"],
+            "prompts": last["prompts"],
             "repetition": sum(map(repeated, responses)) / max(len(responses), 1),
             "reward_last": statistics.fmean(rewards[-5:]),
             "reward_sd": statistics.pstdev(rewards) if len(rewards) > 1 else 0.0}
@@ -129,7 +130,8 @@ def write_report(results: dict[str, list[dict]], selection: list[dict], docs: Pa
     lines = ["# R1V3's RL findings, re-run on the toy", "",
              f"Produced by `{command}` on a 2-core CPU box in {wall_s / 60:.1f} min (tools/findings.py). Cold start:"
              f" `make demo`'s stages 0-1; each arm: `r1v3 rl` for {steps} GRPO steps from that SFT checkpoint, one"
-             f" run per seed ({len(base)} seeds). Held-out avg@4 at T = 1.0 on 64 toy val items; mean ± sd over"
+             f" run per seed ({len(base)} seeds). Held-out avg@4 at T = 1.0 on {base[0]['prompts']:.0f} toy val items;"
+             " mean ± sd over"
              " seeds." + (f" Table and verdicts re-aggregated from those runs by `{regenerated}`." if regenerated
                           else ""), "",
              "| arm | seeds | held-out avg@4 | format | repetitive | reward (last 5) | sd of step reward |",

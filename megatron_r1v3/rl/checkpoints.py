@@ -22,8 +22,8 @@ from megatron_r1v3.models.weights import load_initial_weights
 from megatron_r1v3.parallel import init_parallel
 from megatron_r1v3.rl.evaluate import evaluate_heldout
 from megatron_r1v3.rl.prompts import load_prompts
-from megatron_r1v3.rl.rollouts import PixelSource, refit_worker, start_rollouts
-from megatron_r1v3.rl.spmd_rollouts import start_engine_group
+from megatron_r1v3.rl.rollouts import PixelSource
+from megatron_r1v3.rl.spmd_rollouts import refit_engines, start_engines
 
 
 def checkpoint_dirs(path: str | Path) -> list[Path]:
@@ -47,19 +47,12 @@ def evaluate_checkpoints(cfg: RunConfig, paths: list[Path], out_dir: Path) -> li
     pixels = PixelSource(cfg, load_prompts(sources.val, sources.root, cfg.data.strict), sources.tokenizer,
                          blank_images=cfg.rl.eval_blank_images)
     chunks = build_model(cfg, init=False)
-    spmd = cfg.rl.rollout_tp > 0  # the engines GRPO runs: SPMD on every rank (they split the prompts) or rank 0's
-    if spmd:
-        worker = start_engine_group(cfg, sources.tokenizer_dir, sources.tokenizer, out_dir / "vllm_model", chunks)
-    else:
-        worker = start_rollouts(cfg, sources.tokenizer_dir, sources.tokenizer, out_dir / "vllm_model")
+    worker = start_engines(cfg, sources.tokenizer_dir, sources.tokenizer, out_dir / "vllm_model", chunks)
     results = []
     for path in paths:
         check_checkpoint_model(cfg.model, path)
         load_initial_weights(chunks, str(path))
-        if spmd:
-            worker.refit(chunks)
-        else:
-            refit_worker(worker, chunks, cfg)
+        refit_engines(worker, chunks, cfg)
         items_dir = out_dir / "items" / path.name if state.rank == 0 else None
         ev = evaluate_heldout(chunks, cfg, worker, pixels, state, 0, items_dir)
         results.append({"checkpoint": str(path), **ev})

@@ -30,8 +30,8 @@ from megatron_r1v3.rl.evaluate import evaluate_heldout
 from megatron_r1v3.rl.loss import PROB_ERROR_ALARM
 from megatron_r1v3.rl.policy_loss import count_units, loss_function, reduce_metrics, write_logprobs
 from megatron_r1v3.rl.prompts import PromptSampler, difficulties, load_prompts
-from megatron_r1v3.rl.rollouts import PixelSource, refit_worker, start_rollouts
-from megatron_r1v3.rl.spmd_rollouts import start_engine_group
+from megatron_r1v3.rl.rollouts import PixelSource
+from megatron_r1v3.rl.spmd_rollouts import refit_engines, start_engines
 from megatron_r1v3.training.freeze import trainable_patterns
 from megatron_r1v3.training.logger import StepTimer
 from megatron_r1v3.training.run import TrainingRun
@@ -119,17 +119,15 @@ def run_grpo(cfg: RunConfig) -> dict:
         run.log.text("[rl] WARNING: the connector (mlp1) is frozen; the R1V3 report saw RL collapse into"
                      " repetitive text when the connector does not train")
     spmd = r.rollout_tp > 0  # SPMD engines on every rank (rollout/engine_group.py), else one engine on rank 0
+    worker = start_engines(cfg, src.tokenizer_dir, src.tokenizer, run.out / "vllm_model", run.chunks)
     if spmd:
-        worker = start_engine_group(cfg, src.tokenizer_dir, src.tokenizer, run.out / "vllm_model", run.chunks)
         run.log.text(f"[rl] {worker.layout.engines} vLLM engine(s) x TP{r.rollout_tp} up in "
                      f"{worker.engine.start_seconds:.1f}s (dummy weights until the first refit)")
-    else:
-        worker = start_rollouts(cfg, src.tokenizer_dir, src.tokenizer, run.out / "vllm_model")
-        if worker is not None:
-            run.log.text(f"[rl] vLLM engine up in {worker.engine.start_seconds:.1f}s (in-process on rank 0)")
+    elif worker is not None:
+        run.log.text(f"[rl] vLLM engine up in {worker.engine.start_seconds:.1f}s (in-process on rank 0)")
 
     def push():
-        return worker.refit(run.chunks) if spmd else refit_worker(worker, run.chunks, cfg)
+        return refit_engines(worker, run.chunks, cfg)
 
     push()
     history = {"train": [], "eval": []}

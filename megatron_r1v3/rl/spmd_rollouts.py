@@ -23,7 +23,7 @@ from megatron_r1v3.config import RunConfig, prompt_token_budget, torch_dtype
 from megatron_r1v3.metrics.entropy import critical_mask
 from megatron_r1v3.rl.batch import Rollout
 from megatron_r1v3.rl.prompts import Prompt
-from megatron_r1v3.rl.rollouts import longest_response
+from megatron_r1v3.rl.rollouts import longest_response, refit_worker, start_rollouts
 from megatron_r1v3.rl.scoring import RewardScorer
 from megatron_r1v3.rollout.engine import rollout_dtype
 from megatron_r1v3.rollout.engine_group import EngineLayout, generate_split, start_engine, write_dummy_model_dir
@@ -132,3 +132,16 @@ def start_engine_group(cfg: RunConfig, tokenizer_dir: Path, tokenizer, model_dir
                               ServingSettings.from_run(cfg))
     dist.barrier()
     return EngineGroupWorker(cfg, engine_dir, tokenizer, chunks)
+
+
+def start_engines(cfg: RunConfig, tokenizer_dir: Path, tokenizer, model_dir: Path, chunks):
+    """Collective: the run's rollout engines, as `rl.rollout_tp` says: an SPMD engine group over every rank (>= 1)
+    or one engine in-process on rank 0 (0; None on the other ranks). GRPO, `r1v3 eval` and `select-checkpoint`."""
+    if cfg.rl.rollout_tp > 0:
+        return start_engine_group(cfg, tokenizer_dir, tokenizer, model_dir, chunks)
+    return start_rollouts(cfg, tokenizer_dir, tokenizer, model_dir)
+
+
+def refit_engines(worker, chunks, cfg: RunConfig) -> RefitStats:
+    """Collective: push `chunks` into the engines `start_engines` returned."""
+    return worker.refit(chunks) if cfg.rl.rollout_tp > 0 else refit_worker(worker, chunks, cfg)
