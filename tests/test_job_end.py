@@ -3,6 +3,7 @@ moved aside by a re-save, a `latest` naming nothing), how a rank finds its launc
 The multi-process behaviour (re-run of a finished run, killed launcher, unusable checkpoints) is in test_sft.py."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -51,6 +52,17 @@ def test_a_rank_finds_its_launcher_or_sees_it_gone():
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     assert launcher_pid({LAUNCHER_PID: str(gone.pid)}) is None  # the launcher died before the watch started
+
+
+def test_a_rank_ending_says_why_while_sys_stderr_is_swapped_for_a_buffer():
+    """torch.distributed's excepthook swaps sys.stderr for a StringIO while it formats a failed collective's traceback
+    (the peer rank ended first); the watch kills the process right after its line, so that line must not go there."""
+    code = ("import io, sys\nfrom megatron_r1v3.parallel import lifeline\n"
+            "sys.stderr = io.StringIO()\nlifeline._end_rank(4242)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "RANK": "3"}, start_new_session=True)  # it kills its process group
+    assert out.returncode == -signal.SIGKILL
+    assert out.stderr == ("[r1v3] rank 3: launcher (pid 4242) is gone; ending this rank and its helper processes\n")
 
 
 def test_one_error_for_every_rank_names_the_problem():

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -66,8 +65,11 @@ def launcher_pid(env=None) -> int | None:
 
 def _end_rank(launcher: int) -> None:
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "?"))
-    print(f"[r1v3] rank {rank}: launcher (pid {launcher}) is gone; ending this rank and its helper processes",
-          file=sys.stderr, flush=True)
+    # straight to fd 2, not through sys.stderr: the main thread may have swapped that for a buffer it prints later
+    # (torch.distributed's excepthook does while it formats a failed collective's traceback), and this process is
+    # SIGKILLed next, so a line written there would be lost (seen in CI: the rank ended without a word)
+    os.write(2, f"[r1v3] rank {rank}: launcher (pid {launcher}) is gone; ending this rank and its helper "
+                f"processes\n".encode())
     if os.getpgrp() == os.getpid():
         os.killpg(os.getpid(), signal.SIGKILL)  # this rank and everything it started, at once
     import psutil
