@@ -1,6 +1,6 @@
 """The sbatch scripts on a real one-node Slurm cluster (Debian's slurm-wlm + munge, started here): an array-job
-scaling sweep, and SFT and GRPO runs that are preempted with SIGUSR1, checkpoint, requeue themselves and resume to
-the end."""
+scaling sweep, and an SFT and a GRPO job, in flight together, that are preempted with SIGUSR1, checkpoint, requeue
+themselves and resume to the end."""
 
 import os
 import re
@@ -80,42 +80,52 @@ def test_scaling_sweep_array_job(slurm, tmp_path):
     assert "TP2·PP1·DP1" in read(logs[0]) and "TP1·PP2·DP1" in read(logs[1])
 
 
-def test_sft_preempted_by_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
-    env, run_dir = fresh_run(slurm, tmp_path)
-    job = sbatch(env, "--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:20:00", f"--output={tmp_path}/%x-%j.out",
-                 "slurm/sft.sbatch",
-                 "examples/tiny_cpu_sft.yaml", f"data.toy_dir={tmp_path}/toy", "data.toy_train=96", "train.steps=30",
-                 "checkpoint.save_every=10", "train.log_every=1", "train.eval_every=0", "train.heldout_samples=0")
-    log = tmp_path / f"r1v3-sft-{job}.out"
-    wait_for(lambda: "[sft] step 4 " in read(log), 300, "the first training steps")
-    subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True, timeout=30)
-    wait_for(lambda: "requeueing job" in read(log), 180, "the requeue")
-    wait_for(lambda: job_state(env, job) == "COMPLETED", 400, f"job {job} to complete", poll=2)
+def preempt_when(env, jobs: dict[str, tuple[Path, str]], timeout: float) -> None:
+    """Jobs in flight together: send each SIGUSR1 (the preemption notice) as soon as its log shows its trigger."""
+    waiting = dict(jobs)
+    deadline = time.monotonic() + timeout
+    while waiting:
+        for job, (log, trigger) in list(waiting.items()):
+            if trigger in read(log):
+                subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True, timeout=30)
+                del waiting[job]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {sorted(waiting.values())}")
+        time.sleep(0.5)
+
+
+def check_resumed(log: Path, run_dir: Path, kind: str, first: int, steps: int) -> None:
     text = log.read_text(errors="replace")  # the requeue cancel line is expected here
     step = int(re.search(r"preemption signal: checkpointing step (\d+)", text).group(1))
-    assert step >= 4 and "restart 1" in text
-    assert f"starting at step {step}" in text and "[sft] done: 30 steps" in text
-    assert (run_dir / "checkpoints/latest").read_text().strip() == "step_00000030"
+    assert step >= first and "restart 1" in text, text[-3000:]
+    assert f"starting at step {step}" in text and f"[{kind}] done: {steps} steps" in text, text[-3000:]
+    assert (run_dir / "checkpoints/latest").read_text().strip() == f"step_{steps:08d}"
     assert not (run_dir / "PREEMPTED").exists()
 
 
-def test_grpo_preempted_by_usr1_resumes_with_its_buffer(slurm, tmp_path):
+def test_sft_and_grpo_preempted_by_usr1_checkpoint_requeue_and_resume(slurm, tmp_path):
+    """Both jobs share the one-node cluster at once (as a user's jobs would), which also overlaps their start-ups
+    and requeue waits: SFT from the tiny recipe, GRPO with its vLLM engine and sample buffer."""
     venv = REPO / ".venv-vllm"
     if not (venv / "bin" / "r1v3").exists():
         pytest.skip("the vLLM venv is missing (make vllm-venv)")
-    env, run_dir = fresh_run({**slurm, "R1V3_VENV": str(venv)}, tmp_path)
-    job = sbatch(env, "--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:20:00", f"--output={tmp_path}/%x-%j.out",
-                 "slurm/grpo.sbatch",
-                 "examples/tiny_cpu_rl.yaml", f"data.toy_dir={tmp_path}/toy", "data.toy_train=64", "data.toy_val=8",
-                 "train.steps=10", "rl.prompts_per_step=4", "rl.samples_per_prompt=4", "rl.eval_every=0",
-                 "rl.eval_prompts=4", "rl.eval_samples=2", "checkpoint.save_every=0", "logging.progress=false")
-    log = tmp_path / f"r1v3-grpo-{job}.out"
-    wait_for(lambda: "[rl] step 2 " in read(log), 300, "the first GRPO steps")
-    subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True, timeout=30)
-    wait_for(lambda: "requeueing job" in read(log), 180, "the requeue")
-    wait_for(lambda: job_state(env, job) == "COMPLETED", 400, f"job {job} to complete", poll=2)
-    text = log.read_text(errors="replace")
-    step = int(re.search(r"preemption signal: checkpointing step (\d+)", text).group(1))
-    assert step >= 2 and "restart 1" in text
-    assert f"starting at step {step}" in text and "[rl] done: 10 steps" in text
-    assert (run_dir / "checkpoints/latest").read_text().strip() == "step_00000010"
+    sft_env, sft_dir = fresh_run(slurm, tmp_path / "sft")
+    grpo_env, grpo_dir = fresh_run({**slurm, "R1V3_VENV": str(venv)}, tmp_path / "grpo")
+    common = ["--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:20:00", f"--output={tmp_path}/%x-%j.out"]
+    sft = sbatch(sft_env, *common, "slurm/sft.sbatch",
+                 "examples/tiny_cpu_sft.yaml", f"data.toy_dir={tmp_path}/sft_toy", "data.toy_train=96",
+                 "train.steps=30", "checkpoint.save_every=10", "train.log_every=1", "train.eval_every=0",
+                 "train.heldout_samples=0")
+    grpo = sbatch(grpo_env, *common, "slurm/grpo.sbatch",
+                  "examples/tiny_cpu_rl.yaml", f"data.toy_dir={tmp_path}/grpo_toy", "data.toy_train=64",
+                  "data.toy_val=8", "train.steps=10", "rl.prompts_per_step=4", "rl.samples_per_prompt=4",
+                  "rl.eval_every=0", "rl.eval_prompts=4", "rl.eval_samples=2", "checkpoint.save_every=0",
+                  "logging.progress=false")
+    logs = {sft: tmp_path / f"r1v3-sft-{sft}.out", grpo: tmp_path / f"r1v3-grpo-{grpo}.out"}
+    preempt_when(slurm, {sft: (logs[sft], "[sft] step 4 "), grpo: (logs[grpo], "[rl] step 2 ")}, 400)
+    for job in (sft, grpo):
+        wait_for(lambda job=job: "requeueing job" in read(logs[job]), 180, f"job {job}'s requeue")
+    for job in (sft, grpo):
+        wait_for(lambda job=job: job_state(slurm, job) == "COMPLETED", 500, f"job {job} to complete", poll=2)
+    check_resumed(logs[sft], sft_dir, "sft", 4, 30)
+    check_resumed(logs[grpo], grpo_dir, "rl", 2, 10)

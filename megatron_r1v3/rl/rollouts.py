@@ -107,6 +107,16 @@ class PixelSource:
         return tiles
 
 
+def scored_rollouts(prompt: Prompt, samples: Sequence, scores: Sequence, step: int, tokenizer,
+                    critical_tokens) -> list[Rollout]:
+    """One prompt's group: the engine's samples (ids, logprobs, finish reason, text) with their rewards and the mask
+    of critical tokens (for the entropy that checkpoint selection reads)."""
+    return [Rollout(prompt.index, s.prompt_token_ids, s.token_ids, s.logprobs, sc.total, sc.accuracy, sc.format,
+                    s.finish_reason, step, critical=critical_mask(tokenizer, s.token_ids, critical_tokens),
+                    text=s.text)
+            for s, sc in zip(samples, scores)]
+
+
 class RolloutWorker:
     """The engine and reward computation (rank 0 only)."""
 
@@ -144,15 +154,8 @@ class RolloutWorker:
         pairs = [(p, s) for p, samples in zip(prompts, outs) for s in samples]  # the whole episode in one batch
         flat = iter(self.scorer.score([s.text for _, s in pairs], [p.answer for p, _ in pairs],
                                       [p.question for p, _ in pairs], [p.options for p, _ in pairs]))
-        groups = []
-        for p, samples in zip(prompts, outs):
-            scores = [next(flat) for _ in samples]
-            groups.append([
-                Rollout(p.index, s.prompt_token_ids, s.token_ids, s.logprobs, sc.total, sc.accuracy, sc.format,
-                        s.finish_reason, step, critical=critical_mask(self.tokenizer, s.token_ids, r.critical_tokens),
-                        text=s.text)
-                for s, sc in zip(samples, scores)
-            ])
+        groups = [scored_rollouts(p, samples, [next(flat) for _ in samples], step, self.tokenizer,
+                                  r.critical_tokens) for p, samples in zip(prompts, outs)]
         self.seconds["generate"] += t1 - t0
         self.seconds["reward"] += time.perf_counter() - t1
         return groups

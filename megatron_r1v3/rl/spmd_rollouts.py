@@ -20,10 +20,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_r1v3.config import RunConfig, prompt_token_budget, torch_dtype
-from megatron_r1v3.metrics.entropy import critical_mask
 from megatron_r1v3.rl.batch import Rollout
 from megatron_r1v3.rl.prompts import Prompt
-from megatron_r1v3.rl.rollouts import longest_response, refit_worker, start_rollouts
+from megatron_r1v3.rl.rollouts import longest_response, refit_worker, scored_rollouts, start_rollouts
 from megatron_r1v3.rl.scoring import RewardScorer
 from megatron_r1v3.rollout.engine import rollout_dtype
 from megatron_r1v3.rollout.engine_group import EngineLayout, generate_split, start_engine, write_dummy_model_dir
@@ -94,11 +93,7 @@ class EngineGroupWorker:
         for p, samples, (scores, counts) in zip(prompts, split.samples, split.extra):
             if counts:
                 self.scorer.counts.update(counts)
-            groups.append([
-                Rollout(p.index, s.prompt_token_ids, s.token_ids, s.logprobs, sc.total, sc.accuracy, sc.format,
-                        s.finish_reason, step, critical=critical_mask(self.tokenizer, s.token_ids, r.critical_tokens),
-                        text=s.text)
-                for s, sc in zip(samples, scores)])
+            groups.append(scored_rollouts(p, samples, scores, step, self.tokenizer, r.critical_tokens))
         self.seconds["generate"] += time.perf_counter() - t0  # generation and the leads' scoring overlap per engine
         return groups
 
