@@ -16,17 +16,18 @@ def _cfg(workdir: str, name: str, overrides: list[str]):
 
 
 def sft_then_connector_only(workdir: str) -> dict:
-    """Cold-start SFT (150 steps), held-out greedy answers, then 5 connector-only steps from its checkpoint."""
+    """Cold-start SFT (100 steps), 16 held-out greedy answers, then 5 connector-only steps from its checkpoint."""
     from megatron_r1v3.sft.trainer import run_sft
 
-    cfg = _cfg(workdir, "sft", ["checkpoint.save_every=0", "train.eval_every=0", "train.heldout_samples=32"])
+    cfg = _cfg(workdir, "sft", ["checkpoint.save_every=0", "train.eval_every=0", "train.heldout_samples=16",
+                                   "train.steps=100"])
     sft = run_sft(cfg)
     held = sft["heldout"]
     before = {n: p.detach().clone() for c in sft["chunks"] for n, p in c.named_parameters()}
 
     conn_cfg = _cfg(workdir, "conn", ["train.trainable=connector_only", f"checkpoint.load={workdir}/sft/checkpoints",
                                       "checkpoint.resume=false", "train.steps=5", "train.eval_every=0",
-                                      "checkpoint.save_every=0"])
+                                      "checkpoint.save_every=0", "train.heldout_samples=0"])
     conn = run_sft(conn_cfg)
     after = {n: p.detach() for c in conn["chunks"] for n, p in c.named_parameters()}
     changed = [n for n in before if not torch.equal(before[n], after[n])]
