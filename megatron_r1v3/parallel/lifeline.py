@@ -67,7 +67,7 @@ def _end_rank(launcher: int) -> None:
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "?"))
     # straight to fd 2, not through sys.stderr: the main thread may have swapped that for a buffer it prints later
     # (torch.distributed's excepthook does while it formats a failed collective's traceback), and this process is
-    # SIGKILLed next, so a line written there would be lost (seen in CI: the rank ended without a word)
+    # SIGKILLed next, so a line written there would be lost (likely why a rank ended without a word in CI)
     os.write(2, f"[r1v3] rank {rank}: launcher (pid {launcher}) is gone; ending this rank and its helper "
                 f"processes\n".encode())
     if os.getpgrp() == os.getpid():
