@@ -105,10 +105,10 @@ def check_resumed(log: Path, run_dir: Path, kind: str, first: int, steps: int) -
 
 def test_sft_and_grpo_preempted_by_usr1_checkpoint_requeue_and_resume(slurm, tmp_path):
     """Both jobs share the one-node cluster at once (as a user's jobs would), which also overlaps their start-ups
-    and requeue waits: SFT from the tiny recipe, GRPO with its vLLM engine and sample buffer."""
+    and requeue waits: SFT from the tiny recipe, GRPO with its vLLM engine and sample buffer (without the vLLM venv
+    the SFT job still runs, then the test reports the GRPO half as skipped)."""
     venv = REPO / ".venv-vllm"
-    if not (venv / "bin" / "r1v3").exists():
-        pytest.skip("the vLLM venv is missing (make vllm-venv)")
+    with_grpo = (venv / "bin" / "r1v3").exists()
     sft_env, sft_dir = fresh_run(slurm, tmp_path / "sft")
     grpo_env, grpo_dir = fresh_run({**slurm, "R1V3_VENV": str(venv)}, tmp_path / "grpo")
     common = ["--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:20:00", f"--output={tmp_path}/%x-%j.out"]
@@ -116,16 +116,20 @@ def test_sft_and_grpo_preempted_by_usr1_checkpoint_requeue_and_resume(slurm, tmp
                  "examples/tiny_cpu_sft.yaml", f"data.toy_dir={tmp_path}/sft_toy", "data.toy_train=96",
                  "train.steps=30", "checkpoint.save_every=10", "train.log_every=1", "train.eval_every=0",
                  "train.heldout_samples=0")
-    grpo = sbatch(grpo_env, *common, "slurm/grpo.sbatch",
-                  "examples/tiny_cpu_rl.yaml", f"data.toy_dir={tmp_path}/grpo_toy", "data.toy_train=64",
-                  "data.toy_val=8", "train.steps=10", "rl.prompts_per_step=4", "rl.samples_per_prompt=4",
-                  "rl.eval_every=0", "rl.eval_prompts=4", "rl.eval_samples=2", "checkpoint.save_every=0",
-                  "logging.progress=false")
-    logs = {sft: tmp_path / f"r1v3-sft-{sft}.out", grpo: tmp_path / f"r1v3-grpo-{grpo}.out"}
-    preempt_when(slurm, {sft: (logs[sft], "[sft] step 4 "), grpo: (logs[grpo], "[rl] step 2 ")}, 400)
-    for job in (sft, grpo):
-        wait_for(lambda job=job: "requeueing job" in read(logs[job]), 180, f"job {job}'s requeue")
-    for job in (sft, grpo):
+    jobs = {sft: (tmp_path / f"r1v3-sft-{sft}.out", "[sft] step 4 ")}
+    if with_grpo:
+        grpo = sbatch(grpo_env, *common, "slurm/grpo.sbatch",
+                      "examples/tiny_cpu_rl.yaml", f"data.toy_dir={tmp_path}/grpo_toy", "data.toy_train=64",
+                      "data.toy_val=8", "train.steps=10", "rl.prompts_per_step=4", "rl.samples_per_prompt=4",
+                      "rl.eval_every=0", "rl.eval_prompts=4", "rl.eval_samples=2", "checkpoint.save_every=0",
+                      "logging.progress=false")
+        jobs[grpo] = (tmp_path / f"r1v3-grpo-{grpo}.out", "[rl] step 2 ")
+    preempt_when(slurm, jobs, 400)
+    for job, (log, _) in jobs.items():
+        wait_for(lambda log=log: "requeueing job" in read(log), 180, f"job {job}'s requeue")
+    for job in jobs:
         wait_for(lambda job=job: job_state(slurm, job) == "COMPLETED", 500, f"job {job} to complete", poll=2)
-    check_resumed(logs[sft], sft_dir, "sft", 4, 30)
-    check_resumed(logs[grpo], grpo_dir, "rl", 2, 10)
+    check_resumed(jobs[sft][0], sft_dir, "sft", 4, 30)
+    if not with_grpo:
+        pytest.skip("the SFT job passed; the GRPO job needs the vLLM venv (make vllm-venv)")
+    check_resumed(jobs[grpo][0], grpo_dir, "rl", 2, 10)
