@@ -115,38 +115,51 @@ def spmd_refit_worker(workdir: str, repeats: int, bucket_mb: int) -> dict:
     dist.barrier()
     engine = start_engine(EngineLayout(4, 2), f"{workdir}/dummy", max_model_len=256, kv_cache_bytes=64 * 2**20,
                           dtype="fp32", load_format="dummy")
-    refit = EngineRefit(chunks, cfg.model, bucket_mb, freeze_aware=False)
-    refit(engine, chunks)  # warm-up (and the first, full push)
-    times, loads, ours = [], [], []
-    for _ in range(repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
-        stats = refit(engine, chunks)
-        dist.barrier()
-        times.append(time.perf_counter() - t0)
-        loads.append(stats.load_seconds)
-        # our part alone: the same push with no engine (gather + mapping + transport + manifest, no vLLM)
-        dist.barrier()
-        t0 = time.perf_counter()
-        refit(None, chunks)
-        ours.append(time.perf_counter() - t0)
-    full = [(n, t.clone()) for n, t in iter_engine_tensors(chunks, refit.manifests, plan_refit(
-        refit.manifests, cfg.model, True), cfg.model)]  # every rank: what it pushed
-    dst = [torch.empty_like(t) for _, t in full]
-    copies = []
-    for _ in range(max(repeats, 3)):
-        dist.barrier()  # every rank copies at once, as every rank pushes at once
-        t0 = time.perf_counter()
-        for d, (_, t) in zip(dst, full):
-            d.copy_(t)
-        copies.append(time.perf_counter() - t0)
+    out = {}
+    for mode, sliced in (("sliced", True), ("whole", False)):
+        refit = EngineRefit(chunks, cfg.model, bucket_mb, freeze_aware=False, engine_tp=2, sliced=sliced)
+        refit(engine, chunks)  # warm-up (and the first, full push)
+        times, loads, ours = [], [], []
+        for _ in range(repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            stats = refit(engine, chunks)
+            dist.barrier()
+            times.append(time.perf_counter() - t0)
+            loads.append(stats.load_seconds)
+            # our part alone: the same push with no engine (gather + mapping + transport + manifest, no vLLM)
+            dist.barrier()
+            t0 = time.perf_counter()
+            refit(None, chunks)
+            ours.append(time.perf_counter() - t0)
+        # the baseline: one copy_ of the bytes this rank receives (whole tensors: tensor by tensor, as pushed;
+        # slices: one flat copy of as many bytes - a faster copy than the pieces', so a strict baseline)
+        if sliced:
+            src = [torch.empty(stats.received_bytes, dtype=torch.uint8).random_()]
+        else:
+            src = [t.clone() for _, t in iter_engine_tensors(chunks, refit.manifests, plan_refit(
+                refit.manifests, cfg.model, True), cfg.model)]
+        dst = [torch.empty_like(t) for t in src]
+        copies = []
+        for _ in range(max(repeats, 3)):
+            dist.barrier()  # every rank copies at once, as every rank pushes at once
+            t0 = time.perf_counter()
+            for d, t in zip(dst, src):
+                d.copy_(t)
+            copies.append(time.perf_counter() - t0)
+        out[mode] = {"refit_s": statistics.median(times), "ours_s": statistics.median(ours),
+                     "load_s": statistics.median(loads), "copy_s": statistics.median(copies), "bytes": stats.bytes,
+                     "received_bytes": stats.received_bytes, "tensors": stats.tensors, "buckets": stats.buckets,
+                     "sliced_tensors": len(refit.sliced)}
     apply_trainable(chunks, "freeze_vision")
-    frozen = plan_refit(EngineRefit(chunks, cfg.model, bucket_mb).manifests, cfg.model, full=False)
-    frozen_bytes = stats.bytes - frozen.skipped_bytes
+    frozen = EngineRefit(chunks, cfg.model, bucket_mb, engine_tp=2)
+    frozen.pushes = 1  # a later refit
+    received = [0]
+    for _ in iter_engine_tensors(chunks, frozen.manifests, frozen.plan(), cfg.model, sliced=frozen.sliced,
+                                 received=received):
+        pass
     engine.close()
-    return {"refit_s": statistics.median(times), "ours_s": statistics.median(ours), "load_s": statistics.median(loads),
-            "copy_s": statistics.median(copies), "bytes": stats.bytes, "tensors": stats.tensors,
-            "buckets": stats.buckets, "frozen_vit_bytes": frozen_bytes, "frozen_vit_tensors": len(frozen.expected)}
+    return {**out, "frozen_vit_received": received[0], "frozen_vit_tensors": len(frozen.plan().expected)}
 
 
 def rl_worker(workdir: str, steps: int) -> dict:
@@ -178,14 +191,23 @@ def main() -> None:
             ranks = run_distributed("tools.bench_refit:spmd_refit_worker", 4, timeout_s=900, env=ENV, workdir=wd,
                                     repeats=args.repeats, bucket_mb=args.bucket_mb)
         r = ranks[0]
-        print(f"SPMD refit: 2 engines x rollout TP2 over TP2·PP2 (4 ranks), every rank receives {r['tensors']} "
-              f"tensors, {r['bytes'] / 2**20:.0f} MiB fp32, {r['buckets']} buckets of <= {args.bucket_mb} MiB")
-        for k, x in enumerate(ranks):
-            print(f"  rank {k}: push {x['refit_s']:.3f} s, vLLM reload_weights {x['load_s']:.3f} s, ours (gather + "
-                  f"mapping + transport) {x['ours_s']:.3f} s; one copy_ of the bytes {x['copy_s']:.3f} s -> ours / "
-                  f"copy_ {x['ours_s'] / x['copy_s']:.2f} (target <= 2)")
-        print(f"  frozen ViT: later refits carry {r['frozen_vit_tensors']} HF tensors, {r['frozen_vit_bytes']} of "
-              f"{r['bytes']} bytes ({r['frozen_vit_bytes'] / r['bytes']:.3f} of a full refit)")
+        for mode in ("sliced", "whole"):
+            m = r[mode]
+            print(f"SPMD refit, {mode}: 2 engines x rollout TP2 over TP2·PP2 (4 ranks), every rank hands vLLM "
+                  f"{m['tensors']} tensors ({m['bytes'] / 2**20:.0f} MiB fp32, {m['buckets']} buckets of <= "
+                  f"{args.bucket_mb} MiB) and receives {m['received_bytes'] / 2**20:.0f} MiB"
+                  + (f" ({m['sliced_tensors']} Megatron tensors as its own TP slice)" if mode == "sliced" else ""))
+            for k, x in enumerate(ranks):
+                x = x[mode]
+                print(f"  rank {k}: push {x['refit_s']:.3f} s, vLLM reload_weights {x['load_s']:.3f} s, ours (gather"
+                      f" + mapping + transport) {x['ours_s']:.3f} s; one copy_ of the received bytes "
+                      f"{x['copy_s']:.3f} s -> ours / copy_ {x['ours_s'] / x['copy_s']:.2f} (target <= 2)")
+        s, w = r["sliced"], r["whole"]
+        print(f"  sliced / whole, rank 0: bytes received {s['received_bytes'] / w['received_bytes']:.3f}, our part "
+              f"{s['ours_s'] / w['ours_s']:.3f}, push {s['refit_s'] / w['refit_s']:.3f}")
+        print(f"  frozen ViT (sliced): later refits carry {r['frozen_vit_tensors']} HF tensors, rank 0 receives "
+              f"{r['frozen_vit_received']} of {s['received_bytes']} bytes "
+              f"({r['frozen_vit_received'] / s['received_bytes']:.3f} of a full sliced refit)")
         return
 
     with tempfile.TemporaryDirectory(prefix="r1v3-bench-refit-") as wd:

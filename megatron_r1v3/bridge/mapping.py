@@ -67,9 +67,14 @@ def _gqa_to_megatron(ts, m):
 
 
 def _gqa_to_hf(t, m):
+    return _gqa_split(t, m.language.num_kv_heads, m)
+
+
+def _gqa_split(t: torch.Tensor, groups: int, m: ModelConfig) -> list[torch.Tensor]:
+    """Megatron grouped rows of `groups` KV groups (all of them, or one TP shard's) -> HF q, k, v rows."""
     lm = m.language
-    ng, d = lm.num_kv_heads, lm.head_dim
-    r = lm.num_heads // ng
+    ng, d = groups, lm.head_dim
+    r = lm.num_heads // lm.num_kv_heads
     tail = t.shape[1:]
     g = t.reshape(ng, (r + 2) * d, *tail)
     q, k, v = g[:, : r * d], g[:, r * d : (r + 1) * d], g[:, (r + 1) * d :]
@@ -164,6 +169,10 @@ class Rule:
     linear: bool = False  # of a Column/RowParallelLinear module (local spec): megatron saves its `_extra_state`
     fp8: bool = False  # a GEMM weight that runs in FP8 under Transformer Engine
     present: Callable[[ModelConfig, bool], bool] = _always  # (model, chunk's pre_process) -> the chunk registers it
+    # the serving engine (vLLM) splits these HF tensors over its TP ranks as Megatron splits the parameter: TP shard
+    # r converts to slice r of each HF tensor (`shard_to_hf`); False where vLLM replicates the module (connector) or
+    # pads heads its own way (InternViT)
+    serve_split: bool = False
 
     def transform_for(self, layout: str) -> Transform:
         return self.transform[layout] if isinstance(self.transform, dict) else self.transform
@@ -226,6 +235,7 @@ def _has_output_layer(m: ModelConfig, pre_process: bool) -> bool:
 
 _COL = {"tp_dim": 0, "linear": True}  # ColumnParallelLinear weight / bias
 _ROW = {"tp_dim": 1, "linear": True}  # RowParallelLinear weight (its bias is replicated: linear=True only)
+_COL_S, _ROW_S = {**_COL, "serve_split": True}, {**_ROW, "serve_split": True}  # the decoder's: vLLM splits alike
 _D = "language_model.decoder.layers.{i}."
 _V = "vision_model.encoder.layers.{i}."
 _VH_R, _VH_N = "encoder.layers.{i}.", "encoder.layer.{i}."
@@ -234,27 +244,27 @@ _CONN_NATIVE = "model.multi_modal_projector."
 RULES: tuple[Rule, ...] = (
     # --- decoder (Qwen2.5) ---
     Rule(("language_model.embedding.word_embeddings.weight",), _lm("embed_tokens.weight"), _vocab, FIRST, VOCAB,
-         tp_dim=0),
+         tp_dim=0, serve_split=True),
     Rule((_D + "input_layernorm.weight", _D + "self_attention.linear_qkv.layer_norm_weight"),
          _lm("layers.{i}.input_layernorm.weight"), _lm_vec, DECODER),
     Rule((_D + "self_attention.linear_proj.weight",), _lm("layers.{i}.self_attn.o_proj.weight"),
-         lambda m: (m.language.hidden_size, m.language.num_heads * m.language.head_dim), DECODER, **_ROW, fp8=True),
+         lambda m: (m.language.hidden_size, m.language.num_heads * m.language.head_dim), DECODER, **_ROW_S, fp8=True),
     Rule((_D + "self_attention.linear_qkv.weight",),
          _lm(*(f"layers.{{i}}.self_attn.{p}_proj.weight" for p in "qkv")),
-         lambda m: (_qkv_rows(m), m.language.hidden_size), DECODER, QKV_GQA, **_COL, fp8=True),
+         lambda m: (_qkv_rows(m), m.language.hidden_size), DECODER, QKV_GQA, **_COL_S, fp8=True),
     Rule((_D + "self_attention.linear_qkv.bias",), _lm(*(f"layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv")),
-         lambda m: (_qkv_rows(m),), DECODER, QKV_GQA, **_COL),
+         lambda m: (_qkv_rows(m),), DECODER, QKV_GQA, **_COL_S),
     Rule((_D + "pre_mlp_layernorm.weight", _D + "mlp.linear_fc1.layer_norm_weight"),
          _lm("layers.{i}.post_attention_layernorm.weight"), _lm_vec, DECODER),
     Rule((_D + "mlp.linear_fc1.weight",), _lm("layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.up_proj.weight"),
-         lambda m: (2 * m.language.ffn_hidden_size, m.language.hidden_size), DECODER, GATE_UP, **_COL,
+         lambda m: (2 * m.language.ffn_hidden_size, m.language.hidden_size), DECODER, GATE_UP, **_COL_S,
          tp_gated=True, fp8=True),
     Rule((_D + "mlp.linear_fc2.weight",), _lm("layers.{i}.mlp.down_proj.weight"),
-         lambda m: (m.language.hidden_size, m.language.ffn_hidden_size), DECODER, **_ROW, fp8=True),
+         lambda m: (m.language.hidden_size, m.language.ffn_hidden_size), DECODER, **_ROW_S, fp8=True),
     Rule(("language_model.decoder.final_layernorm.weight",), _lm("norm.weight"), _lm_vec, LAST),
     Rule(("language_model.output_layer.weight",),
          {"remote": ("language_model.lm_head.weight",), "native": ("lm_head.weight",)}, _vocab, LAST, VOCAB,
-         tp_dim=0, linear=True, present=_has_output_layer),
+         tp_dim=0, linear=True, present=_has_output_layer, serve_split=True),
     # --- vision (InternViT) ---
     Rule(("vision_model.embeddings.class_embedding",),
          _vit(["embeddings.class_embedding"], ["embeddings.cls_token"]), lambda m: (1, 1, m.vision.hidden_size), FIRST),
@@ -346,6 +356,47 @@ def to_hf(megatron_name: str, full: torch.Tensor, model: ModelConfig, layout: st
     """A full (TP-gathered) Megatron tensor -> [(hf_name, tensor), ...]."""
     rule, layer = find_rule(megatron_name)
     return list(zip(hf_names(rule, layer, layout), rule.transform_for(layout).to_hf(full, model)))
+
+
+@dataclass(frozen=True)
+class ShardPiece:
+    """Part of a full HF tensor: `piece` is its slice [offset, offset + piece.shape[dim]) along `dim`."""
+
+    name: str
+    piece: torch.Tensor
+    full_shape: tuple[int, ...]
+    dim: int
+    offset: int
+
+
+def shard_to_hf(megatron_name: str, shard: torch.Tensor, model: ModelConfig, layout: str, tp_rank: int,
+                tp: int) -> list[ShardPiece]:
+    """TP shard `tp_rank` of `tp` of a `serve_split` Megatron tensor -> its slice of each HF tensor: what TP rank
+    `tp_rank` of a serving engine at the same TP size loads (q/k/v rows of its KV groups, gate/up rows, o/down
+    columns, vocab rows; padded vocab rows past `vocab_size` dropped)."""
+    rule, layer = find_rule(megatron_name)
+    if not rule.serve_split:
+        raise MappingError(f"{megatron_name!r}: the serving engine does not split it as Megatron does")
+    names, dim, transform = hf_names(rule, layer, layout), rule.tp_dim, rule.transform_for(layout)
+    if transform is VOCAB:
+        rows, vocab = shard.shape[0], model.language.vocab_size
+        start = tp_rank * rows
+        piece = shard[: max(0, min(rows, vocab - start))]
+        return [ShardPiece(names[0], piece, (vocab, *shard.shape[1:]), 0, start)]
+    if transform is QKV_GQA:
+        pieces = _gqa_split(shard, model.language.num_kv_heads // tp, model)
+    elif transform is GATE_UP:
+        pieces = list(shard.chunk(2, dim=0))
+    elif transform is DIRECT:
+        pieces = [shard]
+    else:
+        raise MappingError(f"{megatron_name!r}: no shard conversion for transform {transform.name!r}")
+    out = []
+    for name, piece in zip(names, pieces):
+        full = list(piece.shape)
+        full[dim] *= tp
+        out.append(ShardPiece(name, piece, tuple(full), dim, tp_rank * piece.shape[dim]))
+    return out
 
 
 def to_megatron(

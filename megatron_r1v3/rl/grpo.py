@@ -159,7 +159,8 @@ def run_grpo(cfg: RunConfig) -> dict:
         metrics["prompts/skipped_train"] = float(len(train_pixels.skipped))
         metrics.update({"refit/seconds": stats.total_seconds, "refit/gb_per_s": stats.gb_per_s,
                         "refit/buckets": float(stats.buckets), "refit/bytes": float(stats.bytes),
-                        "refit/skipped_bytes": float(stats.skipped_bytes)})
+                        "refit/skipped_bytes": float(stats.skipped_bytes),
+                        "refit/received_bytes": float(stats.received_bytes or stats.bytes)})
         step_timing(metrics, timer, time.perf_counter() - t_step, stats.total_seconds, cfg)
         if metrics["rollout/prob_error"] > PROB_ERROR_ALARM:
             run.log.text(f"[rl] WARNING step {step}: train-vs-rollout probability error "

@@ -66,7 +66,7 @@ class EngineGroupWorker:
             dtype=rollout_dtype(r.rollout_dtype), kv_cache_bytes=r.kv_cache_mb * 2**20,
             gpu_memory_utilization=r.gpu_memory_utilization, max_images_per_prompt=8,
             max_num_seqs=max(64, r.samples_per_prompt), load_format="dummy")
-        self.refitter = EngineRefit(chunks, cfg.model, r.refit_bucket_mb)
+        self.refitter = EngineRefit(chunks, cfg.model, r.refit_bucket_mb, engine_tp=r.rollout_tp)
 
     def _score_share(self, share: range, outs: list[list], prompts: Sequence[Prompt]) -> list:
         """On a lead: rewards of its engine's share; the first item also carries the share's reason counts."""

@@ -41,7 +41,9 @@ class RefitError(RuntimeError):
 
 @dataclass
 class RefitStats:
-    """What one push moved and how long it took (load = inside vLLM; total includes producing the stream)."""
+    """What one push moved and how long it took (load = inside vLLM; total includes producing the stream). `bytes`:
+    the tensors handed to vLLM's loaders (full HF shapes); `received_bytes`: what reached this rank (less when it
+    received only its slices of split tensors)."""
 
     tensors: int
     bytes: int
@@ -50,10 +52,11 @@ class RefitStats:
     total_seconds: float
     skipped_tensors: int = 0  # freeze-aware pushes: Megatron tensors left out (they cannot have changed)
     skipped_bytes: int = 0
+    received_bytes: int = 0  # SPMD engines: what reached this engine rank (its slices of split tensors, others whole)
 
     @property
     def gb_per_s(self) -> float:
-        return self.bytes / 1e9 / max(self.total_seconds, 1e-9)
+        return (self.received_bytes or self.bytes) / 1e9 / max(self.total_seconds, 1e-9)
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "gb_per_s": self.gb_per_s}

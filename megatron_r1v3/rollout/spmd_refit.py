@@ -1,6 +1,14 @@
-"""Refit of the SPMD engines (`engine_group`): every engine rank receives, bucket by bucket, the full HF tensors its
-vLLM shard loads (vLLM's weight loaders take their own TP slice), assembled on that rank from the training TP/PP
-shards of its model replica - no rank routes data for another - and checks them against its own manifest.
+"""Refit of the SPMD engines (`engine_group`): every engine rank receives, bucket by bucket, what its vLLM shard
+loads, assembled on that rank from the training TP/PP shards of its model replica - no rank routes data for
+another - and checks it against its own manifest.
+
+Sliced (`sliced_names`): when an engine's TP is the trainer's and its ranks are a training TP group (engine rank =
+TP rank; the 38B recipe: TP8 trainer, rollout TP8), each engine rank receives only its own TP shard of the tensors
+vLLM splits as Megatron does (the decoder's: `Rule.serve_split`), converted to its slices of the HF tensors
+(`mapping.shard_to_hf`) and placed into full-shaped buffers whose other rows/columns are never written - vLLM's
+loaders read exactly that slice. No TP all-gather, no join: a rank moves 1/TP of the decoder. The ViT (vLLM pads
+its heads its own way) and the connector (replicated in vLLM) still arrive whole. Otherwise every tensor arrives
+whole and vLLM's loaders take their slice.
 
 Transports (`iter_engine_tensors`):
 - `shm` (host-memory weights, one host): every rank maps the shared-memory mirrors of its replica's ranks
@@ -26,7 +34,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_r1v3.bridge.mapping import find_rule, hf_names, to_hf
+from megatron_r1v3.bridge.mapping import VOCAB, ShardPiece, find_rule, hf_names, shard_to_hf, to_hf
 from megatron_r1v3.bridge.shard import full_shape, global_named_parameters, is_tp_sharded, join_tp_parts
 from megatron_r1v3.bridge.shm import shared_shards
 from megatron_r1v3.config import ModelConfig
@@ -35,6 +43,9 @@ from megatron_r1v3.rollout.refit import RefitStats, group_of, push_weights
 
 LAYOUT = "native"
 Entry = tuple[str, tuple[int, ...], torch.dtype, bool]  # (canonical name, full shape, dtype, trainable)
+# Tests set this: the rows/columns of a sliced tensor that an engine rank does not receive are NaN, so a vLLM loader
+# that read outside its slice would show in the logprobs.
+POISON_UNSENT = False
 
 
 def stage_manifests(chunks) -> list[list[Entry]]:
@@ -88,6 +99,48 @@ def plan_refit(manifests: list[list[Entry]], model: ModelConfig, full: bool) -> 
     return plan
 
 
+def engine_is_tp_group(engine_tp: int) -> bool:
+    """Collective over the world: every rank's engine spans exactly its training TP group (engine rank = TP rank)."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    rank = dist.get_rank()
+    lead = rank - rank % engine_tp
+    mine = engine_tp == tp > 1 and dist.get_process_group_ranks(
+        ps.get_tensor_model_parallel_group()) == list(range(lead, lead + engine_tp))
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return all(everyone)
+
+
+def sliced_names(manifests: list[list[Entry]], model: ModelConfig, tp: int) -> set[str]:
+    """The Megatron tensors an engine rank receives as its own TP shard (engine TP = trainer TP): the `serve_split`
+    rules; the vocab ones only when vLLM's padded rows per rank equal Megatron's (else they arrive whole)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import pad_vocab_size
+
+    lm = model.language
+    vocab_aligned = lm.padded_vocab_size // tp == pad_vocab_size(lm.vocab_size) // tp
+    out = set()
+    for name, *_ in (e for m in manifests for e in m):
+        rule = find_rule(name)[0]
+        if rule.serve_split and (vocab_aligned or rule.transform_for(LAYOUT) is not VOCAB):
+            out.add(name)
+    return out
+
+
+def _placed(piece: ShardPiece, staging: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """A full-shaped HF tensor holding `piece` at its slice; nothing else of it is written (kept across pushes in
+    `staging`: host memory pages are touched only where the slice lies)."""
+    src = piece.piece
+    buf = staging.get(piece.name) if staging is not None else None
+    if buf is None or tuple(buf.shape) != piece.full_shape or buf.dtype != src.dtype:
+        buf = torch.empty(piece.full_shape, dtype=src.dtype, device=src.device)
+        if POISON_UNSENT:
+            buf.fill_(float("nan"))
+        if staging is not None:
+            staging[piece.name] = buf
+    buf.narrow(piece.dim, piece.offset, src.shape[piece.dim]).copy_(src)
+    return buf
+
+
 def _tp_all_gather(param: torch.Tensor, gated: bool) -> torch.Tensor:
     """The full tensor on every rank of the training TP group (all-gather of the shards, gated-aware join)."""
     local = param.detach()
@@ -117,12 +170,15 @@ def _join_into(parts: list[torch.Tensor], dim: int, gated: bool, staging: dict[s
 
 
 def iter_engine_tensors(chunks, manifests: list[list[Entry]], plan: RefitPlan, model: ModelConfig,
-                        transport: str = "auto", staging: dict[str, torch.Tensor] | None = None
+                        transport: str = "auto", staging: dict[str, torch.Tensor] | None = None,
+                        sliced: set[str] = frozenset(), received: list[int] | None = None
                         ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Collective over the model-parallel group: `(hf_name, full tensor)` of every carried tensor, on EVERY rank
-    (each engine rank feeds its own vLLM shard). transport: auto (shm when possible, else collective) | shm |
-    collective. `staging` (shm): TP-sharded tensors are joined into these buffers, kept by the caller across
-    pushes (host memory: one full copy of the sharded tensors). Every rank must drain the stream."""
+    """Collective over the model-parallel group: `(hf_name, tensor)` of every carried tensor, on EVERY rank (each
+    engine rank feeds its own vLLM shard): the full tensor, or for `sliced` names (`sliced_names`) a full-shaped one
+    holding only this TP rank's slice. transport: auto (shm when possible, else collective) | shm | collective.
+    `staging` (host memory): TP-sharded tensors are joined, and slices placed, into these buffers, kept by the
+    caller across pushes. `received[0]` is increased by the bytes this rank received. Every rank must drain the
+    stream."""
     params = {name: p for chunk in chunks for name, p in global_named_parameters(chunk)}
     shared = shared_shards(chunks, None) if transport in ("auto", "shm") else None
     if transport == "shm" and shared is None:
@@ -134,10 +190,26 @@ def iter_engine_tensors(chunks, manifests: list[list[Entry]], plan: RefitPlan, m
     pp_group = ps.get_pipeline_model_parallel_group() if len(manifests) > 1 else None
     stage_ranks = dist.get_process_group_ranks(pp_group) if pp_group is not None else [dist.get_rank()]
     device = next(iter(params.values())).device
+    tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    received = received if received is not None else [0]
     for stage, manifest in enumerate(manifests):
         set_phase(f"engine refit: stage {stage}")
         for name, shape, dtype, _ in manifest:
             if name not in plan.carry:
+                continue
+            if name in sliced:
+                if shared is not None:
+                    shard = shared.parts(name)[0][tp_rank]
+                else:  # this TP rank's shard, from its stage over the pipeline group (same TP rank)
+                    local = list(shape)
+                    local[find_rule(name)[0].tp_dim] //= tp
+                    shard = (params[name].detach().contiguous() if stage == my_stage
+                             else torch.empty(local, dtype=dtype, device=device))
+                    if pp_group is not None:
+                        dist.broadcast(shard, src=stage_ranks[stage], group=pp_group)
+                for piece in shard_to_hf(name, shard, model, LAYOUT, tp_rank, tp):
+                    received[0] += piece.piece.numel() * piece.piece.element_size()
+                    yield piece.name, _placed(piece, staging)
                 continue
             if shared is not None:
                 parts, dim = shared.parts(name)
@@ -150,7 +222,9 @@ def iter_engine_tensors(chunks, manifests: list[list[Entry]], plan: RefitPlan, m
                 if pp_group is not None:
                     full = full.contiguous()
                     dist.broadcast(full, src=stage_ranks[stage], group=pp_group)
-            yield from to_hf(name, full, model, LAYOUT)
+            for hf_name, tensor in to_hf(name, full, model, LAYOUT):
+                received[0] += tensor.numel() * tensor.element_size()
+                yield hf_name, tensor
     if shared is not None:
         shared.done()
 
@@ -159,12 +233,22 @@ class EngineRefit:
     """The refits of one run's engine rank: everything the first time, afterwards only what can change."""
 
     def __init__(self, chunks, model: ModelConfig, bucket_mb: int, transport: str = "auto",
-                 freeze_aware: bool = True):
+                 freeze_aware: bool = True, engine_tp: int = 1, sliced: bool | None = None):
+        """`engine_tp`: the engines' TP size; `sliced` None: per-rank slices whenever the engines are the training
+        TP groups (`engine_is_tp_group`), False: whole tensors always, True: slices or a ValueError."""
         self.model, self.bucket_bytes, self.transport = model, bucket_mb * 2**20, transport
         self.freeze_aware = freeze_aware
         self.manifests = stage_manifests(chunks)
         self.pushes = 0
-        self.staging: dict[str, torch.Tensor] = {}  # joined TP shards (shm transport), reused by every push
+        self.sliced: set[str] = set()
+        if sliced is not False and engine_is_tp_group(engine_tp):
+            self.sliced = sliced_names(self.manifests, model, engine_tp)
+        if sliced and not self.sliced:
+            raise ValueError(f"sliced refit needs each engine (rollout TP {engine_tp}) to be a training TP group "
+                             f"(TP {ps.get_tensor_model_parallel_world_size()})")
+        # host memory: joined TP shards (shm transport) and placed slices, reused by every push
+        on_host = next(p for chunk in chunks for p in chunk.parameters()).device.type == "cpu"
+        self.staging: dict[str, torch.Tensor] | None = {} if on_host else None
 
     def plan(self) -> RefitPlan:
         return plan_refit(self.manifests, self.model, full=self.pushes == 0 or not self.freeze_aware)
@@ -172,9 +256,11 @@ class EngineRefit:
     def __call__(self, engine, chunks, label: str = "") -> RefitStats:
         """Collective over the world: push this rank's share into `engine` (this rank's part of its engine);
         a manifest problem on any rank stops every rank with one `RefitError` naming the tensor and the rank."""
-        plan = self.plan()
-        stream = iter_engine_tensors(chunks, self.manifests, plan, self.model, self.transport, self.staging)
+        plan, received = self.plan(), [0]
+        stream = iter_engine_tensors(chunks, self.manifests, plan, self.model, self.transport, self.staging,
+                                     self.sliced, received)
         stats = push_weights(engine, stream, plan.expected, self.bucket_bytes, agree=True, label=label)
         stats.skipped_tensors, stats.skipped_bytes = plan.skipped_tensors, plan.skipped_bytes
+        stats.received_bytes = received[0]
         self.pushes += 1
         return stats

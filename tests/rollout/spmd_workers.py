@@ -2,8 +2,10 @@
 (external launcher, each engine its own world), started with dummy weights from config + tokenizer only, ViT frozen.
 
 Checks, in order: logprobs of a fixed response (prompt with an image) on every engine rank vs Megatron after the
-first (full) refit; the sleep/wake walk; the trainable weights change, the second refit carries only trainable
-groups and logprobs still match; a tensor dropped on one engine rank and duplicated on another stops every rank
+first (full) refit, each engine rank receiving only its TP slice of the decoder (the rows/columns it does not
+receive are NaN: a loader reading them would show); the sleep/wake walk; the trainable weights change, the second
+refit (collective transport: broadcasts over the pipeline group, no TP all-gather) carries only trainable groups
+and logprobs still match; a tensor dropped on one engine rank and duplicated on another stops every rank
 with one error naming both; an episode's prompts split across the engines, rewards scored on each engine's lead.
 """
 
@@ -27,6 +29,7 @@ def spmd_engines(workdir: str) -> dict:
     """Runs on every rank; returns this rank's measurements (plain lists)."""
     import torch.distributed as dist
 
+    from megatron_r1v3.bridge.mapping import to_hf
     from megatron_r1v3.data.template import encode_prompt_for_vllm, expand_image_tokens, image_token_ids
     from megatron_r1v3.data.tiling import TilingConfig, num_tiles
     from megatron_r1v3.data.tokenizer import load_tokenizer, toy_tokenizer
@@ -35,6 +38,7 @@ def spmd_engines(workdir: str) -> dict:
     from megatron_r1v3.parallel.phase import set_phase
     from megatron_r1v3.presets import load_config
     from megatron_r1v3.rl.scoring import RewardScorer
+    from megatron_r1v3.rollout import spmd_refit
     from megatron_r1v3.rollout.engine_group import EngineLayout, generate_split, start_engine, write_dummy_model_dir
     from megatron_r1v3.rollout.hf_export import ServingSettings
     from megatron_r1v3.rollout.refit import RefitError, push_weights
@@ -79,7 +83,13 @@ def spmd_engines(workdir: str) -> dict:
     out["before"] = _engine_logprobs(engine, prompt, image, response)
 
     set_phase("first refit")
-    refit = EngineRefit(chunks, model, bucket_mb=1)
+    spmd_refit.POISON_UNSENT = True
+    refit = EngineRefit(chunks, model, bucket_mb=1, engine_tp=ROLLOUT_TP, sliced=True)
+    out["sliced"] = len(refit.sliced)
+    out["sliced_hf_bytes"] = sum(t.numel() * t.element_size() for m in refit.manifests for name, shape, dtype, _ in m
+                                 if name in refit.sliced
+                                 for _, t in to_hf(name, torch.empty(shape, dtype=dtype, device="meta"), model,
+                                                   spmd_refit.LAYOUT))
     engine.sleep(level=1)  # the GPU choreography; no-ops on CPU, recorded
     engine.wake_up(["weights"])
     dist.barrier()
@@ -100,6 +110,7 @@ def spmd_engines(workdir: str) -> dict:
     plan = refit.plan()
     out["second_names"] = sorted(plan.expected)
     dist.barrier()
+    refit.transport = "collective"  # shard broadcasts over the pipeline group instead of the shared-memory mirrors
     second = refit(engine, chunks, label=f"engine {out['engine']} rank {rank}: ")
     out["second"] = second.as_dict()
     out["after_2"] = _engine_logprobs(engine, prompt, image, response)

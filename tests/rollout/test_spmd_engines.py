@@ -103,6 +103,15 @@ def test_every_engine_matches_megatron_across_refits(spmd_run):
         assert before > 1e-2, "the engine did not start from dummy weights"
         assert d1 <= FP32 and d2 <= FP32
     assert _max_diff(r[0]["megatron_1"], r[0]["megatron_2"]) > 1e-2  # the weights did change between refits
+    # per-rank slices: the decoder's split tensors arrive as each rank's own slice, everything else whole, so an
+    # engine's two ranks together receive every whole tensor twice and every split tensor once
+    sliced, first = r[0]["sliced_hf_bytes"], [x["first"] for x in r]
+    assert all(x["sliced"] == r[0]["sliced"] > 0 for x in r) and sliced > 0
+    for a, b in ((0, 1), (2, 3)):
+        assert first[a]["bytes"] == first[b]["bytes"]
+        assert first[a]["received_bytes"] + first[b]["received_bytes"] == 2 * first[a]["bytes"] - sliced
+    print(f"\nfirst refit: each engine rank received {first[0]['received_bytes']} and {first[1]['received_bytes']} "
+          f"of {first[0]['bytes']} bytes (split tensors: {sliced} bytes)")
     assert r[0]["events"] == ["sleep(1)", "wake_up(weights)", "wake_up(kv_cache)"]
 
 
