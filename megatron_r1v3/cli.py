@@ -63,6 +63,13 @@ def maybe_relaunch(nproc: int, argv: list[str]) -> None:
     os.execv(sys.executable, cmd)
 
 
+def _relaunched(nproc: int, argv: list[str]) -> None:
+    """`maybe_relaunch`, then (in the process that goes on) `setup_process`: a command that re-executes itself
+    under torchrun does not import torch first (1.3 s per launch on 2 cores, before torchrun imports it again)."""
+    maybe_relaunch(nproc, argv)
+    setup_process()
+
+
 def cmd_info(args) -> int:
     """Parameter counts of a preset, built on the meta device at TP1·PP1 (no memory, no GPU)."""
     overrides = [f"model.preset={args.preset}", "parallel.launcher=none", *args.overrides]
@@ -95,7 +102,7 @@ def cmd_info(args) -> int:
 def cmd_train_step(args) -> int:
     """A few real training steps of the model on random VLM batches at the configured TP/PP/VPP/DP layout."""
     cfg = _load(args)
-    maybe_relaunch(args.nproc or processes_needed(cfg), sys.argv[1:])
+    _relaunched(args.nproc or processes_needed(cfg), sys.argv[1:])
     from megatron_r1v3.models.build import build_model, count_parameters
     from megatron_r1v3.parallel import destroy_parallel, init_parallel
     from megatron_r1v3.training.optimizer import build_optimizer, wrap_ddp
@@ -135,7 +142,7 @@ def cmd_convert(args) -> int:
     """HF -> Megatron: one process for any target TP/PP. Megatron -> HF: tp*pp processes (re-launched under
     torchrun when needed), a servable directory unless --weights-only."""
     if args.direction == "megatron-to-hf":
-        maybe_relaunch(args.tp * args.pp, sys.argv[1:])
+        _relaunched(args.tp * args.pp, sys.argv[1:])
     elif not _is_rank0():
         return 0  # launched on several ranks (srun/torchrun): rank 0 converts alone
     from megatron_r1v3.bridge.convert import ConversionError, hf_to_megatron
@@ -235,7 +242,7 @@ def _export_hf(args) -> dict:
 
 def cmd_compare_hf(args) -> int:
     """Run transformers and Megatron on the same input; the last line is `max_abs_logit_diff=<float>`."""
-    maybe_relaunch(args.tp * args.pp, sys.argv[1:])
+    _relaunched(args.tp * args.pp, sys.argv[1:])
     from megatron_r1v3.compare_hf import compare_hf
     from megatron_r1v3.parallel import destroy_parallel
 
@@ -269,7 +276,7 @@ def _run_loop(command: str, loop, cfg: RunConfig):
 def cmd_sft(args) -> int:
     """Cold-start SFT or connector-only tuning (`train.trainable`) from a recipe."""
     cfg = _load(args)
-    maybe_relaunch(args.nproc or processes_needed(cfg), sys.argv[1:])
+    _relaunched(args.nproc or processes_needed(cfg), sys.argv[1:])
     from megatron_r1v3.data.records import RecordError
     from megatron_r1v3.data.sft_dataset import BadSampleError
     from megatron_r1v3.data.tokenizer import TokenizerError
@@ -301,7 +308,7 @@ def cmd_sft(args) -> int:
 def cmd_rl(args) -> int:
     """GRPO with colocated vLLM rollouts from a recipe (needs vLLM: the vLLM venv on CPU, docs/rollout.md)."""
     cfg = _load(args)
-    maybe_relaunch(args.nproc or processes_needed(cfg), sys.argv[1:])
+    _relaunched(args.nproc or processes_needed(cfg), sys.argv[1:])
     from megatron_r1v3.data.records import RecordError
     from megatron_r1v3.data.tokenizer import TokenizerError
     from megatron_r1v3.parallel import destroy_parallel
@@ -358,7 +365,7 @@ def cmd_eval(args) -> int:
     """avg@k of one checkpoint on held-out records or a benchmark file with vLLM; per-item JSONL + summary (with
     the budget used and the prompts skipped as over `rl.max_prompt_tokens`)."""
     cfg = _eval_config(args)
-    maybe_relaunch(args.nproc or processes_needed(cfg), sys.argv[1:])
+    _relaunched(args.nproc or processes_needed(cfg), sys.argv[1:])
     import json
     from pathlib import Path
 
@@ -399,7 +406,7 @@ def cmd_select_checkpoint(args) -> int:
     cfg = _eval_config(args)
     if args.words:
         cfg.rl.critical_tokens = [w.strip() for w in args.words.split(",") if w.strip()]
-    maybe_relaunch(args.nproc or processes_needed(cfg), sys.argv[1:])
+    _relaunched(args.nproc or processes_needed(cfg), sys.argv[1:])
     from pathlib import Path
 
     from megatron_r1v3.parallel import destroy_parallel
@@ -500,9 +507,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands that call `_relaunched` before anything needs torch (it runs `setup_process` itself)
+_SETS_UP_AFTER_RELAUNCH = (cmd_train_step, cmd_compare_hf, cmd_sft, cmd_rl, cmd_eval, cmd_select_checkpoint)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_process()
+    if args.func not in _SETS_UP_AFTER_RELAUNCH:
+        setup_process()
     try:
         return args.func(args)
     except ConfigError as exc:

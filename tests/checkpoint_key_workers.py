@@ -85,6 +85,14 @@ def save_and_load(workdir: str, hf_dir: str, converted_dir: str) -> dict:
             params[name].copy_(torch.randn(params[name].shape, generator=g))
     out["norm_was_random"] = all(not torch.equal(params[n], torch.ones_like(params[n])) for n in CONNECTOR_NORM)
     save_model(chunks, work / "local")
+    # the save's write results came back in-process: no multiprocessing Manager server left running (megatron-core
+    # starts one on a process's first save otherwise), megatron-core's own queue untouched
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    out["children_after_save"] = [p.name for p in multiprocessing.active_children()]
+    out["megatron_results_queue"] = repr(filesystem_async._results_queue)
     tensors, _ = _checkpoint_keys(work / "local")
     out["saved_connector_keys"] = [k for k in tensors if k.startswith("mlp1.")]
     fresh = build_model(cfg)

@@ -291,6 +291,14 @@ def loaded(tmp_path_factory):
 
 
 @pytest.mark.multiprocess
+def test_a_save_starts_no_manager_process(loaded):
+    """`weights.write_results_in_process`: megatron-core's writer would spawn a Manager server (a fresh interpreter
+    importing torch: ~2.7 s per job) to carry a synchronous save's results; the round trip below stays bit-exact."""
+    assert loaded["children_after_save"] == [] and loaded["megatron_results_queue"] == "None"
+    assert loaded["round_trip_mismatches"] == []
+
+
+@pytest.mark.multiprocess
 def test_converted_checkpoint_loads_into_the_model(loaded):
     assert loaded["converted_connector_keys"] == ["mlp1.linear_fc1.layer_norm_bias",
                                                   "mlp1.linear_fc1.layer_norm_weight"]
