@@ -132,13 +132,14 @@ def spmd_refit_worker(workdir: str, repeats: int, bucket_mb: int) -> dict:
             t0 = time.perf_counter()
             refit(None, chunks)
             ours.append(time.perf_counter() - t0)
-        # the baseline: one copy_ of the bytes this rank receives (whole tensors: tensor by tensor, as pushed;
-        # slices: one flat copy of as many bytes - a faster copy than the pieces', so a strict baseline)
-        if sliced:
-            src = [torch.empty(stats.received_bytes, dtype=torch.uint8).random_()]
-        else:
-            src = [t.clone() for _, t in iter_engine_tensors(chunks, refit.manifests, plan_refit(
-                refit.manifests, cfg.model, True), cfg.model)]
+        # the baseline: one copy_ of the bytes this rank receives, tensor by tensor as pushed (slices: a tensor of
+        # each slice's size)
+        received, src = [0], []
+        for _, t in iter_engine_tensors(chunks, refit.manifests, plan_refit(refit.manifests, cfg.model, True),
+                                        cfg.model, sliced=refit.sliced, received=received):
+            nbytes, received[0] = received[0], 0
+            src.append(t.clone() if nbytes == t.numel() * t.element_size() else
+                       torch.empty(nbytes, dtype=torch.uint8).random_())
         dst = [torch.empty_like(t) for t in src]
         copies = []
         for _ in range(max(repeats, 3)):
