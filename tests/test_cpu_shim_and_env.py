@@ -79,3 +79,18 @@ def test_default_device_context_still_applies_to_wrapped_factories():
         assert torch.arange(3).device.type == "meta"
         assert torch.empty(2, 2).device.type == "meta"
         assert torch.zeros(2).device.type == "meta"
+
+
+def test_megatron_jit_fuser_is_a_no_op_under_the_shim_and_dynamo_stays_unimported():
+    """CPU runs leave megatron's fusions off; decorating them with torch.compile only imported dynamo + inductor
+    (2 of a rank's 3.5 s of imports). A fresh process: the shim first, then megatron-core as a rank imports it."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom megatron_r1v3.parallel import setup_process\nsetup_process()\n"
+             "import megatron.core\nfrom megatron.core import jit\nfrom megatron_r1v3.sft import trainer\n"
+             "print(jit.jit_fuser is jit.noop_decorator, 'torch._dynamo' in sys.modules,"
+             " 'torch._inductor' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "False", "False"], out.stdout

@@ -10,6 +10,10 @@ What it changes:
   4. megatron's CUDA RNG tracker forks the CPU generator; `torch.cuda.manual_seed/get_rng_state` use the CPU one
      (patched the moment megatron-core's RNG module is first imported, so tools that never import megatron-core,
      like HF -> Megatron conversion, start without paying for it).
+  5. megatron-core's `jit_fuser` (torch.compile, for the fused bias/activation kernels that CPU runs leave off:
+     `models.specs.fusion_flags`) is megatron's own no-op decorator (`disable_jit_fuser`), set the moment
+     `megatron.core.jit` has run and before its importers bind it: decorating with torch.compile imports dynamo and
+     inductor, 2 of a rank's 3.5 s of imports on the 2-core box.
 """
 
 from __future__ import annotations
@@ -197,11 +201,20 @@ def apply_cpu_shim(force: bool = False) -> bool:
         _patch_megatron_rng(sys.modules[_RNG_MODULE])
     else:  # megatron-core not imported yet (and maybe never: conversion, config tools): patch it when it is
         sys.meta_path.insert(0, _AfterImport(_RNG_MODULE, _patch_megatron_rng))
+    if _JIT_MODULE not in sys.modules:  # imported already: its importers hold torch.compile, nothing to change
+        sys.meta_path.insert(0, _AfterImport(_JIT_MODULE, _no_jit_fuser))
     _APPLIED = True
     return True
 
 
 _RNG_MODULE = "megatron.core.tensor_parallel.random"
+_JIT_MODULE = "megatron.core.jit"
+
+
+def _no_jit_fuser(module) -> None:
+    disable = getattr(module, "disable_jit_fuser", None)
+    if disable is not None:
+        disable()
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
