@@ -8,8 +8,8 @@ every tensor through TCP loopback. The files are unlinked as soon as every rank 
 in /dev/shm, even after a crash); the mappings live as long as the model.
 
 Destinations: one rank (`dst`, the rank-0 engine and the HF export), or every rank of the group (`dst=None`: the
-SPMD rollout engines, where each engine rank assembles the full tensors its vLLM shard loads from the mirrors of
-its model replica, no rank routing data for another).
+SPMD rollout engines, where each engine rank reads from the mirrors of its model replica what its vLLM shard loads:
+its own TP part of the split tensors, or every part of a tensor to join; no rank routes data for another).
 
 Cost: host memory for one extra copy of each rank's shards (the mirror), allocated on the first push.
 """
