@@ -2,8 +2,9 @@
 megatron-to-hf` and `compare-hf`.
 
 A command that needs N processes and is not already under torchrun/srun re-executes itself under torchrun
-(`--nproc`, default: the processes the config's layout needs), so a user types one command. `main` sets the process
-up first (`parallel.setup_process`: the CPU shim for megatron-core, warning filters).
+(`--nproc`, default: the processes the config's layout needs), so a user types one command. Each command sets its
+process up (`parallel.setup_process`: the CPU shim for megatron-core, warning filters) after deciding whether to
+re-execute, so the launching process never imports torch.
 """
 
 from __future__ import annotations
@@ -64,14 +65,16 @@ def maybe_relaunch(nproc: int, argv: list[str]) -> None:
 
 
 def _relaunched(nproc: int, argv: list[str]) -> None:
-    """`maybe_relaunch`, then (in the process that goes on) `setup_process`: a command that re-executes itself
-    under torchrun does not import torch first (1.3 s per launch on 2 cores, before torchrun imports it again)."""
+    """`maybe_relaunch`, then (in the process that goes on) `setup_process`. Every command sets its process up
+    itself, this way or with `setup_process()` at its start: one that re-executes itself under torchrun must not
+    import torch first (1.3 s per launch on 2 cores, before torchrun imports it again)."""
     maybe_relaunch(nproc, argv)
     setup_process()
 
 
 def cmd_info(args) -> int:
     """Parameter counts of a preset, built on the meta device at TP1·PP1 (no memory, no GPU)."""
+    setup_process()
     overrides = [f"model.preset={args.preset}", "parallel.launcher=none", *args.overrides]
     cfg = load_config(None, overrides)
     from megatron_r1v3.models.build import build_model, count_parameters
@@ -143,8 +146,10 @@ def cmd_convert(args) -> int:
     torchrun when needed), a servable directory unless --weights-only."""
     if args.direction == "megatron-to-hf":
         _relaunched(args.tp * args.pp, sys.argv[1:])
-    elif not _is_rank0():
-        return 0  # launched on several ranks (srun/torchrun): rank 0 converts alone
+    else:
+        setup_process()
+        if not _is_rank0():
+            return 0  # launched on several ranks (srun/torchrun): rank 0 converts alone
     from megatron_r1v3.bridge.convert import ConversionError, hf_to_megatron
     from megatron_r1v3.bridge.hf_io import HFFormatError
     from megatron_r1v3.bridge.mapping import MappingError
@@ -507,14 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# commands that call `_relaunched` before anything needs torch (it runs `setup_process` itself)
-_SETS_UP_AFTER_RELAUNCH = (cmd_train_step, cmd_compare_hf, cmd_sft, cmd_rl, cmd_eval, cmd_select_checkpoint)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.func not in _SETS_UP_AFTER_RELAUNCH:
-        setup_process()
+    args = build_parser().parse_args(argv)  # each command runs `setup_process` (see `_relaunched`)
     try:
         return args.func(args)
     except ConfigError as exc:
