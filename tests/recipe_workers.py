@@ -12,7 +12,7 @@ ranks): the recipes' minimal layout (TP8·PP2 on 2 nodes) has DP=1 too. A recipe
 layout recipe `r1v3_38b_parallel.yaml`, made for `r1v3 train-step`) trains as SFT with its `demo` batch shape.
 
 Each recipe runs 2 steps uninterrupted (checkpoints at steps 1 and 2), then from a copy of the step-1 checkpoint
-alone (SFT: in the same launch; GRPO: in a second one). The resumed run's step 2 must equal the uninterrupted one
+alone, in the same launch. The resumed run's step 2 must equal the uninterrupted one
 bit for bit: its logged metrics, every model parameter and the optimizer's fp32 main parameters and Adam moments
 on every rank.
 """
@@ -235,15 +235,10 @@ def sft_recipes(workdir: str, cases: list[tuple[str, list[str], str]]) -> list[d
             for r, extra, label in cases]
 
 
-def grpo_full(workdir: str, cases: list[tuple[str, list[str], str]], start: str) -> list[dict]:
+def grpo_recipes(workdir: str, cases: list[tuple[str, list[str], str]], start: str) -> list[dict]:
     """Each GRPO case from the cold-start SFT checkpoint `start` (as the recipes start from one; a random policy
-    never earns a reward, so its gradients would all be zero), uninterrupted. The resumed runs need a launch of
-    their own (`grpo_resumed`): once an in-process vLLM engine has shut down, torch.distributed builds no new
-    groups in that process (vLLM's teardown empties torch's global group tables, the trainer's entries too)."""
-    return [run_full(r, workdir, _grpo_loop, [*extra, f"checkpoint.load={start}"], label) for r, extra, label in cases]
-
-
-def grpo_resumed(workdir: str, cases: list[tuple[str, list[str], str]], start: str) -> list[dict]:
-    """Each GRPO case of `grpo_full` resumed from its step-1 checkpoint, in a fresh launch."""
-    return [run_resumed(r, workdir, _grpo_loop, [*extra, f"checkpoint.load={start}"], label)
+    never earns a reward, so its gradients would all be zero), uninterrupted then resumed, in this one launch: the
+    resumed run starts its engines in a process whose first engines have shut down (`rollout.dist_registry`)."""
+    return [run_full(r, workdir, _grpo_loop, [*extra, f"checkpoint.load={start}"], label)
+            | run_resumed(r, workdir, _grpo_loop, [*extra, f"checkpoint.load={start}"], label)
             for r, extra, label in cases]

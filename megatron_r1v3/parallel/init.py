@@ -150,7 +150,4 @@ def destroy_parallel() -> None:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except ValueError:  # an in-process vLLM engine's shutdown already released the default group's entry
-            pass
+        dist.destroy_process_group()

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from megatron_r1v3.config import DTYPES
+from megatron_r1v3.rollout.dist_registry import engine_registry, torch_distributed_registry
 
 log = logging.getLogger(__name__)
 
@@ -135,26 +136,6 @@ def _set_env(on_gpu: bool) -> None:
         torch._dynamo.config.disable = True  # torch read the env var at import time, which may have been earlier
 
 
-@contextlib.contextmanager
-def torch_distributed_registry(registry: object | None = None) -> Iterator[object]:
-    """Swap torch.distributed's process-group registry (a fresh one by default) for the duration; yields it.
-
-    An in-process vLLM joins whatever default process group exists; in a trainer rank that is the trainer's world
-    (4 ranks at TP2·PP2), and vLLM's own group set-up then waits for ranks that never start an engine. In a fresh
-    registry vLLM builds its private one-rank world; the trainer's registry comes back afterwards (and a trainer that
-    initialises torch.distributed later is not blocked by vLLM's default group). vLLM at world size 1 short-circuits
-    its collectives, so its groups are needed again only to tear them down (`RolloutEngine.close`).
-    """
-    import torch.distributed.distributed_c10d as c10d
-
-    saved = c10d._world
-    c10d._world = registry if registry is not None else c10d._World()
-    try:
-        yield c10d._world
-    finally:
-        c10d._world = saved
-
-
 @dataclass(frozen=True)
 class EngineWorld:
     """Where the ranks of one tensor-parallel engine meet (vLLM `external_launcher`): this rank's place in the
@@ -258,7 +239,7 @@ class RolloutEngine:
         self.world = world
         self.events: list[str] = []  # sleep/wake calls in order (the CPU tests walk the GPU choreography)
         start = time.perf_counter()
-        with torch_distributed_registry() as self._registry, contextlib.ExitStack() as stack:
+        with torch_distributed_registry(engine_registry()) as self._registry, contextlib.ExitStack() as stack:
             if world is not None and world.size > 1:
                 scope_cpu_shm_names(world.tag)
                 stack.enter_context(launcher_env(world))

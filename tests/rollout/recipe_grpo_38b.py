@@ -2,9 +2,10 @@
 and rollout engines), PP2, sequence parallel, recompute, distributed optimizer, bf16 training, the recipe's loss,
 advantage and buffer settings — with real vLLM-CPU rollouts (tests/recipe_workers.py says what is scaled down).
 From tests/rollout/test_grpo.py's cold-start SFT checkpoint (its `sft_root`, so no second SFT), each runs 2 steps
-(rollout, reward, step, refit), a checkpoint each step, and a resume from the step-1 checkpoint, in a fresh
-launch, whose step 2 — episode, loss, gradient norm, weights, Adam state, final held-out accuracy — equals the
-uninterrupted run's bit for bit. The test itself lives in test_grpo.py (it shares that module's `sft_root`)."""
+(rollout, reward, step, refit), a checkpoint each step, and a resume from the step-1 checkpoint in the same
+launch (the first run's engines shut down, the resumed run starts its own), whose step 2 — episode, loss,
+gradient norm, weights, Adam state, final held-out accuracy — equals the uninterrupted run's bit for bit. The
+test itself lives in test_grpo.py (it shares that module's `sft_root`)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ GRPO = [r for r in recipes() if is_grpo(r)]
 
 @pytest.fixture(scope="module")
 def grpo_recipe_runs(sft_root: Path, tmp_path_factory) -> dict[str, list[dict]]:
-    """recipe name -> each rank's result; per world size one launch for the uninterrupted runs, one to resume."""
+    """recipe name -> each rank's result; one launch per world size runs each recipe uninterrupted, then resumed."""
     from megatron_r1v3.parallel.spawn import run_distributed
 
     out, start = {}, str(sft_root / "sft" / "checkpoints")
@@ -30,15 +31,11 @@ def grpo_recipe_runs(sft_root: Path, tmp_path_factory) -> dict[str, list[dict]]:
         cases = [(str(r), [f"data.toy_dir={sft_root / 'toy'}"], r.stem) for r in group]
         workdir = str(tmp_path_factory.mktemp(f"grpo_recipes{world}"))
         t0 = time.monotonic()
-        full = run_distributed("tests.recipe_workers:grpo_full", world, timeout_s=900, env=ENV, workdir=workdir,
-                               cases=cases, start=start)
-        t1 = time.monotonic()
-        resumed = run_distributed("tests.recipe_workers:grpo_resumed", world, timeout_s=900, env=ENV,
-                                  workdir=workdir, cases=cases, start=start)
-        print(f"\n{world} ranks, {len(cases)} GRPO recipes: uninterrupted launch {t1 - t0:.1f}s, resumed launch"
-              f" {time.monotonic() - t1:.1f}s wall")
+        ranks = run_distributed("tests.recipe_workers:grpo_recipes", world, timeout_s=900, env=ENV, workdir=workdir,
+                                cases=cases, start=start)
+        print(f"\n{world} ranks, {len(cases)} GRPO recipes: one launch, {time.monotonic() - t0:.1f}s wall")
         for i, (_, _, label) in enumerate(cases):
-            out[label] = [f[i] | r[i] for f, r in zip(full, resumed)]
+            out[label] = [r[i] for r in ranks]
             r0 = out[label][0]
             cpu = sum(r["cpu_seconds_full"] + r["cpu_seconds_resumed"] for r in out[label])
             print(f"  {label}: uninterrupted {r0['seconds_full']:.1f}s + resumed {r0['seconds_resumed']:.1f}s wall,"
