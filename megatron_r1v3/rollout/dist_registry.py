@@ -13,8 +13,11 @@ torch keeps a registry in two places, and both must be kept apart, or closing an
   failed with a KeyError, `destroy_process_group` with "Invalid process group").
 - the C++ name -> group map (`_register_process_group`, read by functional collectives) is process-wide and
   cleared by the same teardown: the trainer's names are registered again when its registry comes back.
-The group counter that names new groups stays shared and never goes back, so vLLM's and the trainer's groups
-never share a name.
+- the counter that names new groups (`_group_count`, also a module global): every rank of a world must create the
+  same groups in the same order for their names to agree, so an engine on rank 0 alone must not move rank 0's
+  count (the trainer's next `new_group` hung). Each registry counts for itself; engine registries count from
+  2**20 up (and again from there after vLLM's teardown resets the count), so an engine group never takes a
+  trainer group's name in the process-wide name map.
 
 vLLM's parallel state is process-wide: a second in-process engine (the answer verifier beside the policy engine)
 joins the groups the first one built. So every engine of a process uses the one `engine_registry()`; once vLLM
@@ -26,17 +29,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+ENGINE_GROUPS_FROM = 2**20  # engine groups are named from here up; a trainer creates far fewer groups
 _TABLES = ("_pg_map", "_pg_names", "_pg_group_ranks", "_pg_backend_config", "_tags_to_pg", "_pg_to_tag")
 
 
 class DistRegistry:
     """One registry's state: its default group (a `_World`) and its group tables."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_group: int = ENGINE_GROUPS_FROM) -> None:
         import torch.distributed.distributed_c10d as c10d
 
         self.world = c10d._World()
         self.tables: dict[str, dict] = {name: {} for name in _TABLES}
+        self.first_group = self.count = first_group
 
     @classmethod
     def current(cls) -> DistRegistry:
@@ -46,6 +51,7 @@ class DistRegistry:
         reg = cls.__new__(cls)
         reg.world = c10d._world
         reg.tables = {name: getattr(c10d, name) for name in _TABLES}
+        reg.first_group, reg.count = 0, c10d._group_count
         return reg
 
     def install(self) -> None:
@@ -54,6 +60,7 @@ class DistRegistry:
         c10d._world = self.world
         for name, table in self.tables.items():
             setattr(c10d, name, table)
+        c10d._group_count = max(self.count, self.first_group)
 
     def register_names(self) -> None:
         """Put this registry's groups back into torch's process-wide name map where a teardown removed them."""
@@ -80,16 +87,13 @@ def engine_registry() -> DistRegistry:
 @contextlib.contextmanager
 def torch_distributed_registry(registry: DistRegistry | None = None) -> Iterator[DistRegistry]:
     """Swap torch.distributed's registry for `registry` (a fresh one by default) for the duration; yields it."""
-    import torch.distributed.distributed_c10d as c10d
-
-    saved, count = DistRegistry.current(), c10d._group_count
+    saved = DistRegistry.current()
     inside = registry if registry is not None else DistRegistry()
     inside.install()
     try:
         yield inside
     finally:
-        now = DistRegistry.current()  # tables may have been rebound inside: keep what the engine left
-        inside.world, inside.tables = now.world, now.tables
+        now = DistRegistry.current()  # what the engine left (tables may have been rebound inside)
+        inside.world, inside.tables, inside.count = now.world, now.tables, now.count
         saved.install()
-        c10d._group_count = max(count, c10d._group_count)
         saved.register_names()

@@ -150,3 +150,12 @@ def spmd_engines(workdir: str) -> dict:
     dist.barrier()
     engine.close()
     return out
+
+
+def refit_then_spmd(workdir: str) -> dict:
+    """Both 4-rank engine checks in one launch (their start-ups shared): the rank-0 engine's refit
+    (`test_vllm_refit.refit_worker`), then, after that engine has shut down in this same process, the SPMD engines
+    (`spmd_engines`) - megatron's groups rebuilt, vLLM's world built anew."""
+    from tests.rollout.test_vllm_refit import refit_worker
+
+    return {"refit": refit_worker(f"{workdir}/refit"), "spmd": spmd_engines(f"{workdir}/spmd")}

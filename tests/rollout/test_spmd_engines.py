@@ -4,8 +4,6 @@ the pure pieces (layout, refit plan) are checked without vLLM. Needs vLLM for th
 
 from __future__ import annotations
 
-import tempfile
-
 import pytest
 import torch
 
@@ -19,7 +17,6 @@ try:
 except Exception as exc:  # ImportError, or a broken install
     _NO_VLLM = f"vLLM not importable ({type(exc).__name__}: {exc}); install it per docs/rollout.md"
 
-ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCH_COMPILE_DISABLE": "1"}
 FP32 = 1e-5
 
 
@@ -77,12 +74,9 @@ def test_freeze_aware_plan_carries_whole_trainable_groups():
 
 
 @pytest.fixture(scope="module")
-def spmd_run() -> list[dict]:
-    from megatron_r1v3.parallel.spawn import run_distributed
-
-    with tempfile.TemporaryDirectory(prefix="r1v3-spmd-") as workdir:
-        return run_distributed("tests.rollout.spmd_workers:spmd_engines", 4, timeout_s=900, env=ENV,
-                               workdir=workdir)
+def spmd_run(four_rank_engines) -> list[dict]:
+    """Each rank's SPMD results, from the 4-rank launch shared with test_vllm_refit.py (tests/rollout/conftest.py)."""
+    return [r["spmd"] for r in four_rank_engines]
 
 
 def _max_diff(a, b) -> float:

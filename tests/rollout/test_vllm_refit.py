@@ -6,7 +6,6 @@ Needs vLLM (the vLLM venv, see docs/rollout.md)."""
 from __future__ import annotations
 
 import io
-import tempfile
 
 import pytest
 import torch
@@ -25,7 +24,6 @@ OVERRIDES = ["model.preset=tiny", "parallel.tensor=2", "parallel.pipeline=2"]
 MAX_TILES = 6
 DROPPED = "model.language_model.layers.1.self_attn.k_proj.weight"
 DUPLICATED = "model.vision_tower.encoder.layer.0.mlp.fc1.bias"
-ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCH_COMPILE_DISABLE": "1"}
 FP32 = 1e-5  # logprob bound: fp32 on both sides; measured 4.8e-7 (docs/performance.md)
 # transformers' bicubic resize (the pixels vLLM and the RL trainer use) vs our Pillow tiling, in grey levels of 255;
 # measured mean <= 0.23, max 7 (tall images), 1 where only the thumbnail is resized (docs/performance.md)
@@ -186,12 +184,9 @@ def refit_worker(workdir: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def refit_run() -> dict:
-    from megatron_r1v3.parallel.spawn import run_distributed
-
-    with tempfile.TemporaryDirectory(prefix="r1v3-vllm-refit-") as workdir:
-        return run_distributed("tests.rollout.test_vllm_refit:refit_worker", 4, timeout_s=240, env=ENV,
-                               workdir=workdir)[0]
+def refit_run(four_rank_engines) -> dict:
+    """Rank 0's refit results, from the 4-rank launch shared with test_spmd_engines.py (tests/rollout/conftest.py)."""
+    return four_rank_engines[0]["refit"]
 
 
 def test_logprobs_match_megatron_after_refit(refit_run):
