@@ -1,6 +1,7 @@
 #!/bin/bash
 # A throw-away one-node Slurm cluster on this machine (Debian's slurm-wlm + munge), for the tests (credentials
-# expire after 10 s, which is also how long a requeued job waits: the default 120 s would slow the tests):
+# expire after 10 s, which is also how long a requeued job waits: the default 120 s would slow the tests; the main
+# scheduler runs every second, so a requeued job starts when it becomes eligible, not up to a minute later):
 #   eval "$(slurm/testcluster/start.sh DIR)"   -> exports SLURM_CONF; DIR holds config, state, logs
 set -euo pipefail
 DIR="$(mkdir -p "${1:?state dir}" && cd "$1" && pwd)"
@@ -34,7 +35,7 @@ SelectTypeParameters=CR_CPU
 ReturnToService=2
 JobRequeue=1
 KillWait=10
-SchedulerParameters=bf_interval=1
+SchedulerParameters=bf_interval=1,sched_interval=1
 MinJobAge=600
 NodeName=$HOST CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
