@@ -153,9 +153,16 @@ def spmd_engines(workdir: str) -> dict:
 
 
 def refit_then_spmd(workdir: str) -> dict:
-    """Both 4-rank engine checks in one launch (their start-ups shared): the rank-0 engine's refit
-    (`test_vllm_refit.refit_worker`), then, after that engine has shut down in this same process, the SPMD engines
-    (`spmd_engines`) - megatron's groups rebuilt, vLLM's world built anew."""
+    """The in-process engine checks in one 4-rank launch (their start-ups shared), each after the previous one's
+    engines have shut down in these same processes: the rank-0 engine's refit (`test_vllm_refit.refit_worker`), the
+    SPMD engines (`spmd_engines`: megatron's groups rebuilt, vLLM's world built anew at TP2), then on rank 0 the
+    policy and verifier engines side by side (`test_verifier.two_engines_worker`, vLLM at TP1 again)."""
+    import torch.distributed as dist
+
+    from tests.rollout.test_verifier import two_engines_worker
     from tests.rollout.test_vllm_refit import refit_worker
 
-    return {"refit": refit_worker(f"{workdir}/refit"), "spmd": spmd_engines(f"{workdir}/spmd")}
+    out = {"refit": refit_worker(f"{workdir}/refit"), "spmd": spmd_engines(f"{workdir}/spmd")}
+    if dist.get_rank() == 0:
+        out["verifier"] = two_engines_worker(f"{workdir}/verifier")
+    return out

@@ -4,14 +4,10 @@ verdict contract are checked, not the judgement. Needs vLLM (the vLLM venv)."""
 
 from __future__ import annotations
 
-import tempfile
-
 import pytest
 
 from megatron_r1v3.rl.verifier import parse_verdict
 from tests.rollout.test_vllm_refit import _NO_VLLM
-
-ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCH_COMPILE_DISABLE": "1"}
 
 
 def test_parse_verdict():
@@ -48,11 +44,8 @@ def two_engines_worker(workdir: str) -> dict:
 
 @pytest.mark.multiprocess
 @pytest.mark.skipif(bool(_NO_VLLM), reason=_NO_VLLM or "ok")
-def test_verifier_engine_beside_the_policy_engine():
-    from megatron_r1v3.parallel.spawn import run_distributed
-
-    with tempfile.TemporaryDirectory(prefix="r1v3-verifier-") as wd:
-        r = run_distributed("tests.rollout.test_verifier:two_engines_worker", 1, timeout_s=240, env=ENV, workdir=wd)[0]
+def test_verifier_engine_beside_the_policy_engine(four_rank_engines):
+    r = four_rank_engines[0]["verifier"]  # rank 0 of the shared engine launch (tests/rollout/conftest.py)
     assert r["right"] == 1.0 and r["calls_after_right"] == 0  # the rule said yes: the judge is not asked
     assert r["calls"] == 1  # asked once, for the boxed wrong answer; never for a response without a boxed answer
     assert r["wrong_acc"] in (0.0, 1.0) and r["unboxed_acc"] == 0.0 and r["policy_tokens"] >= 1
