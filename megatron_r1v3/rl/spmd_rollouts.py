@@ -3,10 +3,12 @@ engine, so the episode runs on every rank in lockstep - the prompt sampler and s
 checkpointed per rank, and every rank gets the whole episode's samples - instead of on rank 0 alone.
 
 Rewards are scored on each engine's lead rank for that engine's share of the prompts (one `RewardScorer` per lead,
-in parallel across engines); the scores travel with the samples. Weights: the first refit pushes everything into
-the dummy-started engines, later ones only what `train.trainable` lets change (`rollout.spmd_refit`). Around each
-refit the engines follow the colocated GPU choreography (sleep after generation; wake weights, refit, wake KV
-cache); on CPU those calls are no-ops that are still made.
+in parallel across engines); the scores travel with the samples. With `rl.verifier_model`, each engine's ranks also
+host a judge engine at the same TP, asked (as on rank 0) for the items the rule check marked wrong on a boxed
+answer (`judge_split`). Weights: the first refit pushes everything into the dummy-started engines, later ones
+only what `train.trainable` lets change (`rollout.spmd_refit`). Around each refit the engines follow the colocated
+GPU choreography (sleep after generation; wake weights, refit, wake KV cache); on CPU those calls are no-ops that
+are still made.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.distributed as dist
 from megatron_r1v3.config import RunConfig, prompt_token_budget, torch_dtype
 from megatron_r1v3.rl.batch import Rollout
 from megatron_r1v3.rl.prompts import Prompt
+from megatron_r1v3.rl.rewards import RewardBreakdown
 from megatron_r1v3.rl.rollouts import longest_response, refit_worker, scored_rollouts, start_rollouts
 from megatron_r1v3.rl.scoring import RewardScorer
 from megatron_r1v3.rollout.engine import rollout_dtype
@@ -49,8 +52,6 @@ class EngineGroupWorker:
 
     def __init__(self, cfg: RunConfig, model_dir: Path, tokenizer, chunks):
         r = cfg.rl
-        if r.verifier_model:
-            raise ValueError("rl.verifier_model is not supported with rl.rollout_tp >= 1 yet (use rl.rollout_tp=0)")
         world = dist.get_world_size()
         self.cfg, self.tokenizer, self.rank = cfg, tokenizer, dist.get_rank()
         self.layout = EngineLayout(world, r.rollout_tp, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
@@ -67,6 +68,12 @@ class EngineGroupWorker:
             gpu_memory_utilization=r.gpu_memory_utilization, max_images_per_prompt=8,
             max_num_seqs=max(64, r.samples_per_prompt), load_format="dummy")
         self.refitter = EngineRefit(chunks, cfg.model, r.refit_bucket_mb, engine_tp=r.rollout_tp)
+        if r.verifier_model:  # the judge beside the policy: same ranks, same TP (vLLM's groups are per process)
+            from megatron_r1v3.rl.verifier import EngineVerifier
+
+            self.verifier = EngineVerifier(r.verifier_model, seed=cfg.seed, kv_cache_mb=r.kv_cache_mb,
+                                           gpu_memory_utilization=r.gpu_memory_utilization / 2,
+                                           dtype=rollout_dtype(r.rollout_dtype), world=self.engine.world)
 
     def _score_share(self, share: range, outs: list[list], prompts: Sequence[Prompt]) -> list:
         """On a lead: rewards of its engine's share; the first item also carries the share's reason counts."""
@@ -89,6 +96,8 @@ class EngineGroupWorker:
             top_p=r.top_p, max_tokens=max_tokens, stop_token_ids=[m.eos_token_id], banned_token_ids=banned)
         for e, k in enumerate(split.prompts_per_engine):
             self.prompts_per_engine[e] += k
+        if self.verifier is not None:
+            judge_split(self.verifier, self.layout, prompts, split, self.cfg.rl.w_acc)
         groups = []
         for p, samples, (scores, counts) in zip(prompts, split.samples, split.extra):
             if counts:
@@ -112,6 +121,31 @@ class EngineGroupWorker:
         if self.rewards is not None:
             self.rewards.close()
         self.engine.close()
+        if self.verifier is not None:
+            self.verifier.close()
+
+
+def judge_split(verifier, layout: EngineLayout, prompts: Sequence[Prompt], split, w_acc: float) -> list:
+    """Collective: where the rule check said wrong on a boxed answer, ask the judge (as `RewardScorer` does on rank
+    0) and make a yes a correct answer. `split.extra[i]` = (prompt i's `RewardBreakdown`s, counts), gathered, so the
+    same on every rank: each engine's ranks find the same items of their engine's share and judge them together
+    (vLLM's TP lockstep); the verdicts are all-gathered and applied on every rank alike. Returns every engine's
+    ((prompt, sample), verdict) in engine order; `verifier.calls` counts the whole episode's items."""
+    rank = dist.get_rank()
+    engine = layout.engine_of(rank)
+    share = layout.shares(len(prompts))[engine]
+    asks = [(i, k) for i in share for k, sc in enumerate(split.extra[i][0])
+            if sc.prediction is not None and sc.accuracy == 0.0]
+    verdicts = verifier.judge([(prompts[i].question, split.samples[i][k].text, prompts[i].answer) for i, k in asks])
+    gathered: list = [None] * layout.world
+    dist.all_gather_object(gathered, list(zip(asks, verdicts)) if rank == layout.lead(engine) else None)
+    judged = [x for e in range(layout.engines) for x in gathered[layout.lead(e)]]
+    verifier.calls += len(judged) - len(asks)  # the other engines' items: the metric is the episode's
+    for (i, k), yes in judged:
+        sc = split.extra[i][0][k]
+        if yes is True:
+            split.extra[i][0][k] = RewardBreakdown(w_acc + sc.total, 1.0, sc.format, sc.prediction)
+    return judged
 
 
 def start_engine_group(cfg: RunConfig, tokenizer_dir: Path, tokenizer, model_dir: Path, chunks) -> EngineGroupWorker:

@@ -147,7 +147,33 @@ def spmd_engines(workdir: str) -> dict:
     # the same prompts on this rank's engine alone: the split must not change what a prompt gets
     own = engine.generate(prompts, n=2, temperature=1.0, max_tokens=6, seed=[1000 + 7 * i for i in range(5)])
     out["own_tokens"] = [[s.token_ids for s in samples] for samples in own]
+
+    set_phase("verifier beside the SPMD engine")
+    # rl.verifier_model with SPMD engines: a judge engine at the policy engine's TP, in the same processes (vLLM's
+    # groups are per process). Every sample is taken as one the rule check marked wrong on a boxed answer.
+    from megatron_r1v3.rl.prompts import Prompt
+    from megatron_r1v3.rl.rewards import RewardBreakdown
+    from megatron_r1v3.rl.spmd_rollouts import judge_split
+    from megatron_r1v3.rl.verifier import EngineVerifier
+    from megatron_r1v3.rollout.hf_export import write_vllm_model_dir
+
+    if rank == 0:
+        write_vllm_model_dir(f"{workdir}/judge", model, tok_dir, torch.float32, seed=3, max_tiles=4)
     dist.barrier()
+    judge = EngineVerifier(f"{workdir}/judge", max_model_len=512, kv_cache_mb=32, world=engine.world)
+    rl_prompts = [Prompt(i, f"p{i}", f"Question {i}: what colour?", "A", None, ids, imgs)
+                  for i, (ids, imgs) in enumerate(prompts)]
+    split.extra = [([RewardBreakdown(0.2, 0.0, 1.0, "B") for _ in samples], None) for samples in split.samples]
+    judged = judge_split(judge, layout, rl_prompts, split, w_acc=0.8)
+    out["judged"] = [[list(ik), v] for ik, v in judged]
+    out["judge_calls"] = judge.calls
+    out["judged_accuracy"] = [[sc.accuracy for sc in scores] for scores, _ in split.extra]
+    item = judge.prompt_ids("What colour?", "</think>\\boxed{B}", "A")
+    out["judge_tokens"] = judge.engine.generate([(item, [])], n=1, temperature=0.0, max_tokens=6)[0][0].token_ids
+    again = engine.generate(prompts, n=2, temperature=1.0, max_tokens=6, seed=[1000 + 7 * i for i in range(5)])
+    out["tokens_beside_judge"] = [[s.token_ids for s in samples] for samples in again]
+    dist.barrier()
+    judge.close()
     engine.close()
     return out
 

@@ -34,9 +34,14 @@ def two_engines_worker(workdir: str) -> dict:
     calls_after_right = judge.calls
     wrong = r1v3_reward("ok</think>\\boxed{5}", "4", verifier=judge, question="2+2?")
     unboxed = r1v3_reward("ok</think> five", "4", verifier=judge)
+    # directly, not through ask_verifier (which counts a judge error as "no"): the chat prompt must encode to ids
+    # (with tokenize=True newer transformers return a BatchEncoding, and every judge call failed that way, unseen)
+    direct = judge.judge([("2+2?", "ok</think>\\boxed{5}", "4")])
+    ids = judge.prompt_ids("2+2?", "ok</think>\\boxed{5}", "4")
     sample = policy.generate([(policy.tokenizer.encode("hello"), [])], n=1, max_tokens=4, seed=0)[0][0]
     out = {"right": right.accuracy, "calls_after_right": calls_after_right, "calls": judge.calls,
-           "wrong_acc": wrong.accuracy, "unboxed_acc": unboxed.accuracy, "policy_tokens": len(sample.token_ids)}
+           "wrong_acc": wrong.accuracy, "unboxed_acc": unboxed.accuracy, "policy_tokens": len(sample.token_ids),
+           "direct": direct, "ids_are_ints": bool(ids) and all(isinstance(t, int) for t in ids)}
     judge.close()
     policy.close()
     return out
@@ -47,5 +52,6 @@ def two_engines_worker(workdir: str) -> dict:
 def test_verifier_engine_beside_the_policy_engine(four_rank_engines):
     r = four_rank_engines[0]["verifier"]  # rank 0 of the shared engine launch (tests/rollout/conftest.py)
     assert r["right"] == 1.0 and r["calls_after_right"] == 0  # the rule said yes: the judge is not asked
-    assert r["calls"] == 1  # asked once, for the boxed wrong answer; never for a response without a boxed answer
+    assert r["calls"] == 2  # asked once for the boxed wrong answer (never without a boxed answer), once directly
+    assert r["ids_are_ints"] and len(r["direct"]) == 1 and r["direct"][0] in (True, False, None)
     assert r["wrong_acc"] in (0.0, 1.0) and r["unboxed_acc"] == 0.0 and r["policy_tokens"] >= 1
