@@ -92,6 +92,17 @@ def _score_chunk(items: list[tuple[str, str, Any]], w_acc: float, w_fmt: float, 
     return [score_item(r, a, o, w_acc, w_fmt, timeout_s) for r, a, o in items]
 
 
+def wants_verdict(score: RewardBreakdown) -> bool:
+    """The verifier is asked only where the rule check said wrong on a boxed final answer (a response without one,
+    or refused or timed out, has no prediction)."""
+    return score.prediction is not None and score.accuracy == 0.0
+
+
+def judged_correct(score: RewardBreakdown, w_acc: float) -> RewardBreakdown:
+    """`score` after the verifier said yes: accuracy 1, its weight added to the total."""
+    return RewardBreakdown(w_acc + score.total, 1.0, score.format, score.prediction)
+
+
 class RewardScorer:
     """`score` = the R1V3 reward of each response, computed by `workers` processes (0: in this process), each item
     within `timeout_s`. `counts` accumulates REASONS over calls (the caller logs and resets it per step)."""
@@ -153,10 +164,10 @@ class RewardScorer:
         scores = []
         for i, (score, reason) in enumerate(results):
             self.counts[reason] += 1
-            if self.verifier is not None and reason == "scored" and score.accuracy == 0.0:
+            if self.verifier is not None and wants_verdict(score):
                 question = questions[i] if questions is not None else ""
                 if ask_verifier(self.verifier, question, responses[i], answers[i]):
-                    score = RewardBreakdown(self.w_acc + score.total, 1.0, score.format, score.prediction)
+                    score = judged_correct(score, self.w_acc)
             scores.append(score)
         return scores
 

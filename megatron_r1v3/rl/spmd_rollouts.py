@@ -24,9 +24,8 @@ import torch.distributed as dist
 from megatron_r1v3.config import RunConfig, prompt_token_budget, torch_dtype
 from megatron_r1v3.rl.batch import Rollout
 from megatron_r1v3.rl.prompts import Prompt
-from megatron_r1v3.rl.rewards import RewardBreakdown
 from megatron_r1v3.rl.rollouts import longest_response, refit_worker, scored_rollouts, start_rollouts
-from megatron_r1v3.rl.scoring import RewardScorer
+from megatron_r1v3.rl.scoring import RewardScorer, judged_correct, wants_verdict
 from megatron_r1v3.rollout.engine import rollout_dtype
 from megatron_r1v3.rollout.engine_group import EngineLayout, generate_split, start_engine, write_dummy_model_dir
 from megatron_r1v3.rollout.refit import RefitStats
@@ -134,17 +133,15 @@ def judge_split(verifier, layout: EngineLayout, prompts: Sequence[Prompt], split
     rank = dist.get_rank()
     engine = layout.engine_of(rank)
     share = layout.shares(len(prompts))[engine]
-    asks = [(i, k) for i in share for k, sc in enumerate(split.extra[i][0])
-            if sc.prediction is not None and sc.accuracy == 0.0]
+    asks = [(i, k) for i in share for k, sc in enumerate(split.extra[i][0]) if wants_verdict(sc)]
     verdicts = verifier.judge([(prompts[i].question, split.samples[i][k].text, prompts[i].answer) for i, k in asks])
     gathered: list = [None] * layout.world
     dist.all_gather_object(gathered, list(zip(asks, verdicts)) if rank == layout.lead(engine) else None)
     judged = [x for e in range(layout.engines) for x in gathered[layout.lead(e)]]
     verifier.calls += len(judged) - len(asks)  # the other engines' items: the metric is the episode's
     for (i, k), yes in judged:
-        sc = split.extra[i][0][k]
         if yes is True:
-            split.extra[i][0][k] = RewardBreakdown(w_acc + sc.total, 1.0, sc.format, sc.prediction)
+            split.extra[i][0][k] = judged_correct(split.extra[i][0][k], w_acc)
     return judged
 
 

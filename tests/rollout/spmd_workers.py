@@ -168,6 +168,19 @@ def spmd_engines(workdir: str) -> dict:
     out["judged"] = [[list(ik), v] for ik, v in judged]
     out["judge_calls"] = judge.calls
     out["judged_accuracy"] = [[sc.accuracy for sc in scores] for scores, _ in split.extra]
+
+    class SaysYes:  # the tiny random judge rarely answers yes: this one always does, to pin how verdicts apply
+        calls = 0
+
+        def judge(self, items):
+            self.calls += len(items)
+            return [True] * len(items)
+
+    yes = SaysYes()
+    split.extra = [([RewardBreakdown(0.2, 0.0, 1.0, "B") for _ in samples], None) for samples in split.samples]
+    judge_split(yes, layout, rl_prompts, split, w_acc=0.8)
+    out["yes_calls"] = yes.calls
+    out["yes_scores"] = [[(sc.total, sc.accuracy) for sc in scores] for scores, _ in split.extra]
     item = judge.prompt_ids("What colour?", "</think>\\boxed{B}", "A")
     out["judge_tokens"] = judge.engine.generate([(item, [])], n=1, temperature=0.0, max_tokens=6)[0][0].token_ids
     again = engine.generate(prompts, n=2, temperature=1.0, max_tokens=6, seed=[1000 + 7 * i for i in range(5)])

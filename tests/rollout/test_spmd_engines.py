@@ -194,3 +194,5 @@ def test_verifier_engine_at_the_engines_tp_beside_each_spmd_engine(spmd_run):
         want = [[1.0 if v is True else 0.0 for (i, _), v in r[0]["judged"] if i == p] for p in range(5)]
         assert x["judged_accuracy"] == want  # a yes makes the answer correct, anything else leaves the rule's 0
         assert x["tokens_beside_judge"] == x["own_tokens"]
+        assert x["yes_calls"] == 10  # a judge saying yes to all: every rank's every item becomes correct
+        assert x["yes_scores"] == [[(1.0, 1.0)] * 2] * 5
