@@ -65,6 +65,41 @@ def test_a_rank_ending_says_why_while_sys_stderr_is_swapped_for_a_buffer():
     assert out.stderr == ("[r1v3] rank 3: launcher (pid 4242) is gone; ending this rank and its helper processes\n")
 
 
+_RANK = """
+import os, sys, time
+from megatron_r1v3.parallel import lifeline
+lifeline.watch_launcher(poll_s=3600)  # the poll never comes round: only the excepthook can end this rank
+import torch.distributed as dist
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)  # wraps the hook
+print("ready", flush=True)
+launcher = int(os.environ["R1V3_LAUNCHER_PID"])
+while os.getppid() == launcher:
+    time.sleep(0.05)
+raise RuntimeError("Connection closed by peer [127.0.0.1]:29500\\nmore of gloo's text")
+"""
+
+_LAUNCHER = """
+import os, subprocess, sys
+env = {**os.environ, "R1V3_LAUNCHER_PID": str(os.getpid()), "RANK": "0", "WORLD_SIZE": "1"}
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], env=env, stdout=subprocess.PIPE,
+                        text=True, start_new_session=True)
+assert rank.stdout.readline() == "ready\\n"
+print(os.getpid(), flush=True)  # and exit: the rank is orphaned, then fails as a rank whose peer ended does
+"""
+
+
+def test_a_rank_that_fails_after_its_launcher_is_gone_ends_saying_why(tmp_path):
+    """CI: rank 0's watch fired first and ended it; rank 1's collective failed at once and it printed a peer's
+    traceback (no word on the cause) before its own watch polled. Its error now ends it the watch's way, named."""
+    out = subprocess.run([sys.executable, "-c", _LAUNCHER, _RANK, str(tmp_path / "store")], capture_output=True,
+                         text=True, timeout=120)  # returns once the rank closed stderr too: it has ended
+    assert out.returncode == 0, out.stderr
+    launcher = out.stdout.strip()
+    assert out.stderr == (f"[r1v3] rank 0: launcher (pid {launcher}) is gone; ending this rank and its helper "
+                          "processes (its own error, likely from a peer rank that ended with the launcher: "
+                          "RuntimeError: Connection closed by peer [127.0.0.1]:29500)\n")
+
+
 def test_one_error_for_every_rank_names_the_problem():
     agree_on_errors(None, CheckpointError)
     with pytest.raises(CheckpointError, match=r"^x\.pt is truncated$"):

@@ -11,7 +11,8 @@ agent's case).
 How: a daemon thread polls `os.getppid()`; once the parent is gone it SIGKILLs the rank's process group (under
 torchrun and the test launcher the rank leads one, holding the helpers it started: megatron dist_checkpointing's
 writer manager, multiprocessing's resource tracker, other children such as vLLM's engine processes), else the
-rank's descendants and itself.
+rank's descendants and itself. An uncaught error after the launcher is gone does the same at once (the excepthook):
+the first rank to notice ends, and its peers' collectives fail before their own poll comes round.
 `prctl(PR_SET_PDEATHSIG, SIGKILL)` alone was not enough: the kernel kills the rank at once, but its helpers are
 orphaned in turn (measured: the dist_checkpointing manager and its resource tracker lived on), and a catchable
 death signal runs its Python handler only between bytecodes of the main thread, i.e. not while the rank waits in a
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -63,13 +65,17 @@ def launcher_pid(env=None) -> int | None:
     return parent  # (a parent of pid 1 may be a launcher running as a container's init: watched, not judged)
 
 
-def _end_rank(launcher: int) -> None:
+def _end_rank(launcher: int, error: BaseException | None = None) -> None:
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "?"))
+    why = ""
+    if error is not None:
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        why = f" (its own error, likely from a peer rank that ended with the launcher: {type(error).__name__}: {first})"
     # straight to fd 2, not through sys.stderr: the main thread may have swapped that for a buffer it prints later
     # (torch.distributed's excepthook does while it formats a failed collective's traceback), and this process is
     # SIGKILLed next, so a line written there would be lost (likely why a rank ended without a word in CI)
     os.write(2, f"[r1v3] rank {rank}: launcher (pid {launcher}) is gone; ending this rank and its helper "
-                f"processes\n".encode())
+                f"processes{why}\n".encode())
     if os.getpgrp() == os.getpid():
         os.killpg(os.getpid(), signal.SIGKILL)  # this rank and everything it started, at once
     import psutil
@@ -88,15 +94,32 @@ def _watch(launcher: int, poll_s: float) -> None:
     _end_rank(launcher)
 
 
+def _ending_excepthook(launcher: int, previous):
+    """An uncaught error in a rank whose launcher is gone ends the rank as the watch would, naming the error.
+    Why: the rank whose watch fires first ends, and its peers' collectives fail at once ("Connection closed by
+    peer"), usually before their own watch polls again: without this they print a peer's traceback instead of the
+    cause, and exit through the normal path, which leaves the helpers of a rank that is no group leader behind.
+    Installed before `init_process_group`, whose excepthook (rank prefix, stderr buffered) calls this one."""
+
+    def hook(kind, value, tb):
+        if os.getppid() != launcher:  # the kernel re-parents a rank the moment its launcher exits
+            _end_rank(launcher, value)
+        previous(kind, value, tb)
+
+    return hook
+
+
 def watch_launcher(poll_s: float = POLL_S) -> bool:
     """When this process is a rank (torchrun, srun, the test launcher): end it, with its helpers, soon after its
-    launcher exits; at once if that happened already. Idempotent; returns whether a watch runs."""
+    launcher exits (at once if that happened already, or when the rank fails after it). Idempotent; returns whether
+    a watch runs."""
     global _watching
     if _watching or under_launcher() is None:
         return _watching
     launcher = launcher_pid()
     if launcher is None:
         _end_rank(int(os.environ[LAUNCHER_PID]))
+    sys.excepthook = _ending_excepthook(launcher, sys.excepthook)
     threading.Thread(target=_watch, args=(launcher, poll_s), name="r1v3-launcher-watch", daemon=True).start()
     _watching = True
     return True
