@@ -12,6 +12,10 @@ SPMD rollout engines, where each engine rank reads from the mirrors of its model
 its own TP part of the split tensors, or every part of a tensor to join; no rank routes data for another).
 
 Cost: host memory for one extra copy of each rank's shards (the mirror), allocated on the first push.
+
+`SharedBuffers`: named tensors in one file that every rank of a group maps, each rank writing its own parts and
+every rank reading all of them - the SPMD engines' sliced refit places each pipeline stage's TP slices there once
+for all stages of that TP rank (`rollout/spmd_refit.py`).
 """
 
 from __future__ import annotations
@@ -100,6 +104,33 @@ class SharedShards:
     def done(self) -> None:
         """Collective: the destination has read everything; mirrors may be overwritten by the next push."""
         dist.barrier(group=self.group)
+
+
+class SharedBuffers:
+    """Tensors of the given shapes in one shared-memory file mapped by every rank of `group` (collective over it):
+    a rank writes into `views[name]` what it owns, and after a barrier every rank reads every view without a copy.
+    The file is sparse (pages are allocated where written) and unlinked once mapped. `fill` (a value, or None):
+    written into every tensor at creation, before any rank can write (tests: NaN where nothing is ever placed)."""
+
+    def __init__(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], group, fill: float | None = None):
+        slots, offset = {}, 0
+        for name, (shape, dtype) in shapes.items():
+            slots[name] = _Slot(offset, tuple(shape), dtype, 0, None)
+            offset += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+        lead, nbytes = dist.get_global_rank(group, 0), max(offset, _ALIGN)
+        path = [f"{SHM_DIR}/r1v3-buffers-{uuid.uuid4().hex}-{lead}" if dist.get_rank() == lead else None]
+        if path[0] is not None:  # created and filled before anyone else maps it
+            self.storage = torch.UntypedStorage.from_file(path[0], shared=True, nbytes=nbytes)
+            if fill is not None:
+                for slot in slots.values():
+                    _view(self.storage, slot).fill_(fill)
+        dist.broadcast_object_list(path, src=lead, group=group)
+        if dist.get_rank() != lead:
+            self.storage = torch.UntypedStorage.from_file(path[0], shared=True, nbytes=nbytes)
+        dist.barrier(group=group)
+        if dist.get_rank() == lead:
+            os.unlink(path[0])
+        self.views = {name: _view(self.storage, slot) for name, slot in slots.items()}
 
 
 def shared_shards(chunks, dst: int | None) -> SharedShards | None:

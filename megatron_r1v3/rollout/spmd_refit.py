@@ -12,7 +12,10 @@ whole and vLLM's loaders take their slice.
 
 Transports (`iter_engine_tensors`):
 - `shm` (host-memory weights, one host): every rank maps the shared-memory mirrors of its replica's ranks
-  (`bridge.shm`, `dst=None`) and joins TP shards itself; a push is one local copy per rank plus reads.
+  (`bridge.shm`, `dst=None`) and joins TP shards itself; a push is one local copy per rank plus reads. Sliced
+  tensors skip the mirror: the ranks of one TP rank's pipeline group (they feed the same engine TP rank, one per
+  engine) share one file of full-shaped HF buffers (`EngineSlices`); each places its own stage's slices there and
+  all of them hand vLLM views of it - a rank copies 1/(TP*PP) of the sliced bytes, not 1/TP plus its mirror.
 - `collective` (GPU, or several hosts): per tensor, an all-gather in the training TP group and a broadcast from the
   owning stage over the pipeline group; on GPU the tensors stay on the device and reach the in-process vLLM shard
   by reference (same process, same GPU - no copy, no IPC handle; `rollout.ipc` is for an engine in another
@@ -27,6 +30,7 @@ a complete group - and the manifest of each push lists exactly those names.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -36,7 +40,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_r1v3.bridge.mapping import VOCAB, ShardPiece, find_rule, hf_names, shard_to_hf, to_hf
 from megatron_r1v3.bridge.shard import full_shape, global_named_parameters, is_tp_sharded, join_tp_parts
-from megatron_r1v3.bridge.shm import shared_shards
+from megatron_r1v3.bridge.shm import SharedBuffers, shared_shards
 from megatron_r1v3.config import ModelConfig
 from megatron_r1v3.parallel.phase import set_phase
 from megatron_r1v3.rollout.refit import RefitStats, group_of, push_weights
@@ -126,6 +130,11 @@ def sliced_names(manifests: list[list[Entry]], model: ModelConfig, tp: int) -> s
     return out
 
 
+def _place(buf: torch.Tensor, piece: ShardPiece) -> torch.Tensor:
+    buf.narrow(piece.dim, piece.offset, piece.piece.shape[piece.dim]).copy_(piece.piece)
+    return buf
+
+
 def _placed(piece: ShardPiece, staging: dict[str, torch.Tensor] | None) -> torch.Tensor:
     """A full-shaped HF tensor holding `piece` at its slice; nothing else of it is written (kept across pushes in
     `staging`: host memory pages are touched only where the slice lies)."""
@@ -137,8 +146,55 @@ def _placed(piece: ShardPiece, staging: dict[str, torch.Tensor] | None) -> torch
             buf.fill_(float("nan"))
         if staging is not None:
             staging[piece.name] = buf
-    buf.narrow(piece.dim, piece.offset, src.shape[piece.dim]).copy_(src)
-    return buf
+    return _place(buf, piece)
+
+
+class EngineSlices:
+    """The sliced tensors of one engine TP rank in shared memory (shm transport): a full-shaped buffer per HF tensor
+    (`bridge.shm.SharedBuffers`) mapped by every rank of this TP rank's pipeline group - the ranks that feed the
+    same engine TP rank, one per engine. Each rank places the slices of its own stage's shards (`place`); after the
+    mirror's publish barrier every rank yields views of all stages' buffers."""
+
+    def __init__(self, manifests: list[list[Entry]], sliced: set[str], model: ModelConfig):
+        self.model, self.sliced = model, sliced
+        self.tp_rank, self.tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+        self.group = ps.get_pipeline_model_parallel_group()
+        shapes, self.pieces = {}, {}  # pieces: Megatron name -> [(hf name, bytes of this rank's slice)]
+        for name, shape, dtype, _ in (e for m in manifests for e in m if e[0] in sliced):
+            local = list(shape)
+            local[find_rule(name)[0].tp_dim] //= self.tp
+            meta = torch.empty(local, dtype=dtype, device="meta")  # the slices' names and shapes, no data
+            pieces = shard_to_hf(name, meta, model, LAYOUT, self.tp_rank, self.tp)
+            shapes.update({pc.name: (pc.full_shape, dtype) for pc in pieces})
+            self.pieces[name] = [(pc.name, pc.piece.numel() * dtype.itemsize) for pc in pieces]
+        self.buffers = SharedBuffers(shapes, self.group, float("nan") if POISON_UNSENT else None)
+
+    def place(self, params: dict[str, torch.Tensor], carry: set[str]) -> None:
+        """Collective over the pipeline group: this rank's carried sliced shards into the shared buffers (after a
+        barrier: no rank still loads the previous push's views)."""
+        dist.barrier(group=self.group)
+        with torch.no_grad():
+            for name, param in params.items():
+                if name in self.sliced and name in carry:
+                    for piece in shard_to_hf(name, param.detach(), self.model, LAYOUT, self.tp_rank, self.tp):
+                        _place(self.buffers.views[piece.name], piece)
+
+    def stream(self, name: str, received: list[int]) -> Iterator[tuple[str, torch.Tensor]]:
+        for hf_name, nbytes in self.pieces[name]:
+            received[0] += nbytes
+            yield hf_name, self.buffers.views[hf_name]
+
+
+_SLICES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[frozenset, EngineSlices]]" = weakref.WeakKeyDictionary()
+
+
+def engine_slices(chunks, manifests: list[list[Entry]], sliced: set[str], model: ModelConfig) -> EngineSlices:
+    """The `EngineSlices` of these model chunks, created on first use (collective over the pipeline group)."""
+    cache = _SLICES.setdefault(chunks[0], {})
+    key = frozenset(sliced)
+    if key not in cache:
+        cache[key] = EngineSlices(manifests, sliced, model)
+    return cache[key]
 
 
 def _tp_all_gather(param: torch.Tensor, gated: bool) -> torch.Tensor:
@@ -183,9 +239,12 @@ def iter_engine_tensors(chunks, manifests: list[list[Entry]], plan: RefitPlan, m
     shared = shared_shards(chunks, None) if transport in ("auto", "shm") else None
     if transport == "shm" and shared is None:
         raise ValueError("transport='shm' needs host-memory weights and every rank of the replica on one host")
+    slices = engine_slices(chunks, manifests, sliced, model) if shared is not None and sliced else None
     if shared is not None:
         set_phase("engine refit (shm): publish")
-        shared.publish(plan.carry)
+        if slices is not None:
+            slices.place(params, plan.carry)
+        shared.publish(plan.carry - set(sliced))  # its barrier: every stage's slices are placed too
     my_stage = ps.get_pipeline_model_parallel_rank()
     pp_group = ps.get_pipeline_model_parallel_group() if len(manifests) > 1 else None
     stage_ranks = dist.get_process_group_ranks(pp_group) if pp_group is not None else [dist.get_rank()]
@@ -197,16 +256,16 @@ def iter_engine_tensors(chunks, manifests: list[list[Entry]], plan: RefitPlan, m
         for name, shape, dtype, _ in manifest:
             if name not in plan.carry:
                 continue
-            if name in sliced:
-                if shared is not None:
-                    shard = shared.parts(name)[0][tp_rank]
-                else:  # this TP rank's shard, from its stage over the pipeline group (same TP rank)
-                    local = list(shape)
-                    local[find_rule(name)[0].tp_dim] //= tp
-                    shard = (params[name].detach().contiguous() if stage == my_stage
-                             else torch.empty(local, dtype=dtype, device=device))
-                    if pp_group is not None:
-                        dist.broadcast(shard, src=stage_ranks[stage], group=pp_group)
+            if name in sliced and slices is not None:
+                yield from slices.stream(name, received)
+                continue
+            if name in sliced:  # this TP rank's shard, from its stage over the pipeline group (same TP rank)
+                local = list(shape)
+                local[find_rule(name)[0].tp_dim] //= tp
+                shard = (params[name].detach().contiguous() if stage == my_stage
+                         else torch.empty(local, dtype=dtype, device=device))
+                if pp_group is not None:
+                    dist.broadcast(shard, src=stage_ranks[stage], group=pp_group)
                 for piece in shard_to_hf(name, shard, model, LAYOUT, tp_rank, tp):
                     received[0] += piece.piece.numel() * piece.piece.element_size()
                     yield piece.name, _placed(piece, staging)
