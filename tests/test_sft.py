@@ -1,7 +1,8 @@
-"""SFT trainer on the tiny VLM through real megatron-core (TP2, gloo): learning, connector-only freezing, kill -9
-resume bit for bit (at a fixed and at a random step), crash during a checkpoint save, bad samples that never stop
-the run; jobs that end cleanly: a finished run started again changes nothing, ranks end with a killed launcher, and
-unusable checkpoints stop every rank with an error naming the file."""
+"""SFT trainer on the tiny VLM through real megatron-core (TP2, gloo): kill -9 resume bit for bit (at a fixed and at a
+random step), crash during a checkpoint save, bad samples that never stop the run; jobs that end cleanly: a finished
+run started again changes nothing, ranks end with a killed launcher, and unusable checkpoints stop every rank with
+an error naming the file. Learning and connector-only freezing: test_sft_learns.py (a file of its own, so that `make
+test`'s two workers can run it beside these)."""
 
 import json
 import os
@@ -19,16 +20,6 @@ import pytest
 from megatron_r1v3.parallel.spawn import run_distributed
 
 pytestmark = pytest.mark.multiprocess
-
-
-def test_sft_learns_and_connector_only_touches_only_the_connector(tmp_path):
-    r = run_distributed("tests.sft_workers:sft_then_connector_only", 2, timeout_s=900, workdir=str(tmp_path))[0]
-    losses = r["losses"]
-    print(f"\nloss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps, well-formed {r['well_formed']:.2f}")
-    assert losses[-1] <= 0.5 * losses[0], losses[::25]
-    assert r["well_formed"] >= 0.9, r["examples"]
-    assert r["changed_outside_connector"] == []
-    assert r["connector_changed"] == r["connector_params"] and len(r["connector_params"]) == 6
 
 
 def sft_cmd(out: Path, toy: Path, *extra: str) -> list[str]:
