@@ -48,6 +48,20 @@ class _Slot:
     partition_dim: int | None  # None: replicated over TP (every TP rank holds the whole tensor)
 
 
+def _layout(entries) -> tuple[dict[str, _Slot], int]:
+    """(name, shape, dtype, tp_rank, partition_dim) entries -> their slots at aligned offsets, and the file size."""
+    slots, offset = {}, 0
+    for name, shape, dtype, tp_rank, dim in entries:
+        slots[name] = _Slot(offset, tuple(shape), dtype, tp_rank, dim)
+        offset += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+    return slots, max(offset, _ALIGN)
+
+
+def _map(path: str, nbytes: int) -> torch.UntypedStorage:
+    """A shared mapping of the file at `path` (created sparse at `nbytes` if missing)."""
+    return torch.UntypedStorage.from_file(path, shared=True, nbytes=nbytes)
+
+
 def _view(storage: torch.UntypedStorage, slot: _Slot) -> torch.Tensor:
     numel = math.prod(slot.shape)
     flat = torch.empty(0, dtype=slot.dtype).set_(storage, slot.offset // slot.dtype.itemsize, (numel,))
@@ -60,25 +74,22 @@ class SharedShards:
     def __init__(self, chunks, dst: int | None, group):
         self.group, self.rank, self.dst = group, dist.get_rank(), dst
         self.params = {name: p for chunk in chunks for name, p in global_named_parameters(chunk)}
-        slots, offset = {}, 0
-        for name, p in self.params.items():
-            dim = p.partition_dim if is_tp_sharded(p) else None
-            slots[name] = _Slot(offset, tuple(p.shape), p.dtype, ps.get_tensor_model_parallel_rank(), dim)
-            offset += -(-p.numel() * p.element_size() // _ALIGN) * _ALIGN
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        slots, nbytes = _layout((name, p.shape, p.dtype, tp_rank, p.partition_dim if is_tp_sharded(p) else None)
+                                for name, p in self.params.items())
         self.reads = dst is None or self.rank == dst
         lead = dist.get_global_rank(group, 0) if dst is None else dst
         token = [uuid.uuid4().hex if self.rank == lead else None]
         dist.broadcast_object_list(token, src=lead, group=group)
-        path, nbytes = f"{SHM_DIR}/r1v3-shards-{token[0]}-{self.rank}", max(offset, _ALIGN)
-        self.storage = torch.UntypedStorage.from_file(path, shared=True, nbytes=nbytes)
+        path = f"{SHM_DIR}/r1v3-shards-{token[0]}-{self.rank}"
+        self.storage = _map(path, nbytes)
         self.mine = {name: _view(self.storage, s) for name, s in slots.items()}
         layouts = [None] * dist.get_world_size(group)
         dist.all_gather_object(layouts, (self.rank, path, nbytes, slots), group=group)
         self.remote: dict[str, list[tuple[torch.Tensor, _Slot]]] = {}  # name -> [(view, slot)] by TP rank
         if self.reads:
             for rank, rpath, rbytes, rslots in layouts:
-                storage = self.storage if rank == self.rank else torch.UntypedStorage.from_file(
-                    rpath, shared=True, nbytes=rbytes)
+                storage = self.storage if rank == self.rank else _map(rpath, rbytes)
                 for name, slot in rslots.items():
                     self.remote.setdefault(name, []).append((_view(storage, slot), slot))
             for parts in self.remote.values():
@@ -113,20 +124,17 @@ class SharedBuffers:
     written into every tensor at creation, before any rank can write (tests: NaN where nothing is ever placed)."""
 
     def __init__(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], group, fill: float | None = None):
-        slots, offset = {}, 0
-        for name, (shape, dtype) in shapes.items():
-            slots[name] = _Slot(offset, tuple(shape), dtype, 0, None)
-            offset += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
-        lead, nbytes = dist.get_global_rank(group, 0), max(offset, _ALIGN)
+        slots, nbytes = _layout((name, shape, dtype, 0, None) for name, (shape, dtype) in shapes.items())
+        lead = dist.get_global_rank(group, 0)
         path = [f"{SHM_DIR}/r1v3-buffers-{uuid.uuid4().hex}-{lead}" if dist.get_rank() == lead else None]
         if path[0] is not None:  # created and filled before anyone else maps it
-            self.storage = torch.UntypedStorage.from_file(path[0], shared=True, nbytes=nbytes)
+            self.storage = _map(path[0], nbytes)
             if fill is not None:
                 for slot in slots.values():
                     _view(self.storage, slot).fill_(fill)
         dist.broadcast_object_list(path, src=lead, group=group)
         if dist.get_rank() != lead:
-            self.storage = torch.UntypedStorage.from_file(path[0], shared=True, nbytes=nbytes)
+            self.storage = _map(path[0], nbytes)
         dist.barrier(group=group)
         if dist.get_rank() == lead:
             os.unlink(path[0])

@@ -135,12 +135,25 @@ def format_reward(response: str) -> float:
     return float(is_well_formed(response))
 
 
+class VerifierError(RuntimeError):
+    """The answer verifier raised: the run stops, naming the judge and the item. Counting a failed call as "no"
+    trains on a different reward without saying so (a chat-template bug once failed every judge call, unseen)."""
+
+
+def verifier_failure(verifier, question: str, answer: str, err: BaseException, where: str = "") -> VerifierError:
+    """The error that names the judge (its repr: an `EngineVerifier` gives its model directory), where it ran, the
+    item and the cause."""
+    return VerifierError(f"answer verifier {verifier!r}{where} failed: {type(err).__name__}: {err} (item: question "
+                         f"{question[:80]!r}, reference answer {answer[:80]!r})")
+
+
 def ask_verifier(verifier: Verifier, question: str, response: str, answer: str) -> bool:
+    """True only for a yes; a no or an abstention (None, anything else) leaves the rule result. Raises
+    `VerifierError` if the verifier raises."""
     try:
         return verifier(question, response, answer) is True
-    except Exception as err:  # a judge outage must not stop training: count it as "no"
-        log.warning("answer verifier failed, keeping the rule result: %r", err)
-        return False
+    except Exception as err:
+        raise verifier_failure(verifier, question, answer, err) from err
 
 
 def r1v3_reward(
@@ -155,7 +168,7 @@ def r1v3_reward(
     """`w_acc·R_acc + w_fmt·R_format`; R_acc = rule OR verifier.
 
     The verifier is asked only when the rule says no and there is a boxed final answer (a truncated response is
-    never rescued); None or an exception from it abstains, so the rule result stands.
+    never rescued); None abstains, so the rule result stands; an exception from it stops the run (`VerifierError`).
     """
     pred = final_answer(response)
     acc = answer_correct(pred, answer, mc_options)
@@ -200,6 +213,7 @@ __all__ = [
     "MATH_VERIFY_TIMEOUT_S",
     "RewardBreakdown",
     "Verifier",
+    "VerifierError",
     "accuracy_reward",
     "answer_correct",
     "ask_verifier",
@@ -208,4 +222,5 @@ __all__ = [
     "math_equivalent",
     "r1v3_reward",
     "score_batch",
+    "verifier_failure",
 ]

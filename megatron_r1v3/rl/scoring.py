@@ -8,7 +8,8 @@ pool (the pool is rebuilt on the next call) and its items score 0 as "timeout". 
 cannot be honest are refused: NUL bytes, or a final `\\boxed{}` longer than `MAX_ANSWER_CHARS`.
 
 The optional LLM verifier (a second vLLM engine) stays in the parent: it is asked after the rule check, only for
-items the rule marked wrong that have a boxed answer (as `rewards.r1v3_reward` does).
+items the rule marked wrong that have a boxed answer (as `rewards.r1v3_reward` does); a verifier error stops the
+scoring (`rewards.VerifierError`, naming the judge and the item).
 """
 
 from __future__ import annotations

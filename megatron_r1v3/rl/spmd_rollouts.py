@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron_r1v3.config import RunConfig, prompt_token_budget, torch_dtype
 from megatron_r1v3.rl.batch import Rollout
 from megatron_r1v3.rl.prompts import Prompt
+from megatron_r1v3.rl.rewards import verifier_failure
 from megatron_r1v3.rl.rollouts import longest_response, refit_worker, scored_rollouts, start_rollouts
 from megatron_r1v3.rl.scoring import RewardScorer, judged_correct, wants_verdict
 from megatron_r1v3.rollout.engine import rollout_dtype
@@ -134,7 +135,13 @@ def judge_split(verifier, layout: EngineLayout, prompts: Sequence[Prompt], split
     engine = layout.engine_of(rank)
     share = layout.shares(len(prompts))[engine]
     asks = [(i, k) for i in share for k, sc in enumerate(split.extra[i][0]) if wants_verdict(sc)]
-    verdicts = verifier.judge([(prompts[i].question, split.samples[i][k].text, prompts[i].answer) for i, k in asks])
+    items = [(prompts[i].question, split.samples[i][k].text, prompts[i].answer) for i, k in asks]
+    try:
+        verdicts = verifier.judge(items) if items else []
+    except Exception as err:  # as on the rank-0 path (`rewards.ask_verifier`): stop, naming the judge and where
+        question, _, answer = items[0]
+        where = f" on engine {engine}, rank {rank}, judging {len(items)} items (the first shown)"
+        raise verifier_failure(verifier, question, answer, err, where) from err
     gathered: list = [None] * layout.world
     dist.all_gather_object(gathered, list(zip(asks, verdicts)) if rank == layout.lead(engine) else None)
     judged = [x for e in range(layout.engines) for x in gathered[layout.lead(e)]]

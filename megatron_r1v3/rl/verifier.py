@@ -4,7 +4,8 @@ each SPMD engine at the engine's TP (`rl.rollout_tp >= 1`). Off by default (`rl.
 
 `rl.rewards.r1v3_reward` asks it only when the rule check says no and the response has a boxed final answer; it
 sees the question, the reference answer and the extracted final answer, and must reply yes or no (greedy, a few
-tokens). Anything else abstains (the rule result stands).
+tokens). Anything else abstains (the rule result stands); an error from the engine stops the run, naming it
+(`rl.rewards.VerifierError`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ class EngineVerifier:
                                     max_images_per_prompt=None, world=world)
         self.tokenizer = self.engine.tokenizer
         self.max_tokens = max_tokens
+        self.model_dir = Path(model_dir)
         self.calls = 0
+
+    def __repr__(self) -> str:
+        return f"EngineVerifier({str(self.model_dir)!r})"
 
     def prompt_ids(self, question: str, response: str, answer: str) -> list[int]:
         text = PROMPT.format(question=question, answer=answer, prediction=last_boxed(response) or "")

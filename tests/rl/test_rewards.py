@@ -7,6 +7,7 @@ import pytest
 from megatron_r1v3.rl import rewards
 from megatron_r1v3.rl.rewards import (
     RewardBreakdown,
+    VerifierError,
     accuracy_reward,
     final_answer,
     format_reward,
@@ -143,7 +144,11 @@ def test_r1v3_weights_and_verifier():
     def down(question, response, answer):
         raise ConnectionError("judge unreachable")
 
-    assert r1v3_reward(resp(r"\boxed{four}"), "4", verifier=down).accuracy == 0.0
+    # a failing judge stops the run, naming itself and the item (counting it as "no" changed the reward unseen)
+    with pytest.raises(VerifierError, match=r"answer verifier <function .*down.*> failed: ConnectionError: judge "
+                       r"unreachable \(item: question '2\+2\?', reference answer '4'\)"):
+        r1v3_reward(resp(r"\boxed{four}"), "4", verifier=down, question="2+2?")
+    assert r1v3_reward(wrong_fmt, "4", verifier=down).accuracy == 0.0  # never asked: nothing to fail
     assert r1v3_reward(right, "4", w_acc=0.5, w_fmt=0.5).total == 1.0
 
 

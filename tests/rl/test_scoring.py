@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from megatron_r1v3.rl.rewards import r1v3_reward
+from megatron_r1v3.rl.rewards import VerifierError, r1v3_reward
 from megatron_r1v3.rl.scoring import MAX_ANSWER_CHARS, RewardScorer, score_item
 
 OK = "I see it.\n</think>\n\nThe answer is \\boxed{\\frac{1}{2}}."
@@ -64,17 +64,20 @@ def test_a_worker_past_the_batch_deadline_is_killed_and_the_pool_rebuilt():
         scorer.close()
 
 
-def test_verifier_is_asked_only_for_wrong_boxed_answers_and_its_failure_keeps_the_rule():
+def test_verifier_is_asked_only_for_wrong_boxed_answers_and_its_failure_stops_naming_the_item():
     asked = []
 
     def judge(question, response, answer):
         asked.append(answer)
         if answer == "boom":
             raise RuntimeError("judge down")
-        return True
+        return None if answer == "abstain" else True
 
     scorer = RewardScorer(workers=0, verifier=judge)
-    got = scorer.score([OK, OK, "no box</think>", OK], ["0.5", "one half", "0.5", "boom"])
-    assert asked == ["one half", "boom"]
-    assert [s.accuracy for s in got] == [1.0, 1.0, 0.0, 0.0]
+    got = scorer.score([OK, OK, "no box</think>", OK], ["0.5", "one half", "0.5", "abstain"])
+    assert asked == ["one half", "abstain"]
+    assert [s.accuracy for s in got] == [1.0, 1.0, 0.0, 0.0]  # an abstention keeps the rule's result
     assert [s.total for s in got] == pytest.approx([1.0, 1.0, 0.0, 0.2])
+    with pytest.raises(VerifierError, match=r"failed: RuntimeError: judge down \(item: question 'q1', reference "
+                       r"answer 'boom'\)"):
+        scorer.score([OK, OK], ["0.5", "boom"], questions=["q0", "q1"])

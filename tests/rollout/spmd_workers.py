@@ -181,6 +181,22 @@ def spmd_engines(workdir: str) -> dict:
     judge_split(yes, layout, rl_prompts, split, w_acc=0.8)
     out["yes_calls"] = yes.calls
     out["yes_scores"] = [[(sc.total, sc.accuracy) for sc in scores] for scores, _ in split.extra]
+
+    class Down(SaysYes):  # a judge that fails on every rank (so no rank is left waiting in the verdicts' gather)
+        def judge(self, items):
+            raise ConnectionError("judge unreachable")
+
+        def __repr__(self):
+            return "Down()"
+
+    from megatron_r1v3.rl.rewards import VerifierError
+
+    split.extra = [([RewardBreakdown(0.2, 0.0, 1.0, "B") for _ in samples], None) for samples in split.samples]
+    try:
+        judge_split(Down(), layout, rl_prompts, split, w_acc=0.8)
+        out["down"] = "no error"
+    except VerifierError as err:
+        out["down"] = str(err)
     item = judge.prompt_ids("What colour?", "</think>\\boxed{B}", "A")
     out["judge_tokens"] = judge.engine.generate([(item, [])], n=1, temperature=0.0, max_tokens=6)[0][0].token_ids
     again = engine.generate(prompts, n=2, temperature=1.0, max_tokens=6, seed=[1000 + 7 * i for i in range(5)])

@@ -184,15 +184,21 @@ def test_launcher_env_is_the_engines_own_and_restored(monkeypatch):
 def test_verifier_engine_at_the_engines_tp_beside_each_spmd_engine(spmd_run):
     """rl.verifier_model with rl.rollout_tp=2: each engine's two ranks host a TP2 judge in the same processes,
     judge their own share's items in lockstep (same greedy tokens on both ranks), and every rank ends with every
-    engine's verdicts applied alike; the policy engines sample as before beside it."""
+    engine's verdicts applied alike; the policy engines sample as before beside it. A judge that raises stops the
+    run naming itself, the engine, the rank and an item."""
     r = spmd_run
     assert all(x["judged"] == r[0]["judged"] for x in r)  # the whole episode's verdicts, on every rank
     assert [ik for ik, _ in r[0]["judged"]] == [[i, k] for i in range(5) for k in range(2)]  # engine 0's, then 1's
     assert all(x["judge_calls"] == 10 for x in r)  # the episode's items, each judged once by its own engine
     assert r[0]["judge_tokens"] == r[1]["judge_tokens"] and r[2]["judge_tokens"] == r[3]["judge_tokens"]
-    for x in r:
+    for rank, x in enumerate(r):
         want = [[1.0 if v is True else 0.0 for (i, _), v in r[0]["judged"] if i == p] for p in range(5)]
         assert x["judged_accuracy"] == want  # a yes makes the answer correct, anything else leaves the rule's 0
         assert x["tokens_beside_judge"] == x["own_tokens"]
         assert x["yes_calls"] == 10  # a judge saying yes to all: every rank's every item becomes correct
         assert x["yes_scores"] == [[(1.0, 1.0)] * 2] * 5
+        # a judge that raises stops the run on the SPMD path as on the rank-0 path, naming judge, engine, rank, item
+        e = rank // 2
+        assert x["down"] == (f"answer verifier Down() on engine {e}, rank {rank}, judging {[6, 4][e]} items (the first "
+                             f"shown) failed: ConnectionError: judge unreachable (item: question "
+                             f"'Question {[0, 3][e]}: what colour?', reference answer 'A')"), x["down"]
