@@ -1,5 +1,5 @@
 """tools/gpu_check.py: refuses cleanly where it cannot measure, and its whole code path (SFT steps, GRPO step,
-memory prediction, JSON) runs on CPU with the tiny model before any GPU minute is spent."""
+memory prediction, the IPC bucket round trip, JSON) runs on CPU with the tiny model before any GPU minute is spent."""
 
 import json
 import subprocess
@@ -38,7 +38,8 @@ def test_cpu_smoke_runs_every_section(tmp_path):
     out = _run("--cpu-smoke", "--out", str(tmp_path))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert set(report) == {"setup", "sft", "grpo", "memory", "fp8", "result"}
+    assert set(report) == {"setup", "sft", "grpo", "memory", "fp8", "ipc", "result"}
+    assert report["ipc"][0]["roundtrip_ok"] and report["ipc"][0]["refused_cpu"]
     assert report["sft"][-1]["summary"]["loss_falls"] and report["grpo"][0]["update_ok"]
     assert report["memory"][0]["predicted_gib"] > 0 and report["result"][0]["ok"]
     assert "[sft] step 1:" in out.stdout  # rows are printed as they are measured

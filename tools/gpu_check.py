@@ -7,7 +7,9 @@ decoder 5120 / 40:8 heads, FFN 27648, the real vocab) and few layers, in bf16 wi
   (a) SFT steps on synthetic image batches (a fixed set, so the loss must fall): tokens/s and MFU;
   (b) one GRPO step (old-logprob pass, policy loss, optimizer step) on synthetic rollouts;
   (c) the FP8 vs BF16 GEMMs of tools/fp8_bench.py at the 38B per-rank shapes;
-  (d) peak memory measured vs the scaling model's prediction for the same layout.
+  (d) peak memory measured vs the scaling model's prediction for the same layout;
+  (e) the CUDA-IPC bucket transport (`rollout/ipc.py`): the model's bf16 parameters packed into one device buffer,
+      its IPC handle opened by a spawned process on the same GPU, every tensor's checksum equal on both sides.
 Prints each row as it is measured and writes `<out>/gpu_check.json`. Without a GPU it refuses, naming what is
 missing; `--cpu-smoke` runs the same code path with the tiny model on CPU (what `make test` checks).
 
@@ -189,6 +191,83 @@ def memory_section(cfg, args, sft_peak: float | None, report: Report) -> None:
                ratio=ratio, predicted_parts_gib=parts, layout=layout.label())
 
 
+def _checksums(tensors) -> list[int]:
+    """Position-weighted byte sums (exact integers: equal only for the same bytes in the same order)."""
+    import torch
+
+    out, step = [], 1 << 24  # 16 MiB of bytes at a time: int64 temporaries of 128 MiB, whatever the tensor's size
+    for _, t in tensors:
+        flat, total = t.detach().contiguous().reshape(-1).view(torch.uint8), 0
+        for i in range(0, flat.numel(), step):
+            b = flat[i:i + step].to(torch.int64)
+            total += int((b * ((torch.arange(b.numel(), device=b.device) + i) % 65521 + 1)).sum())
+        out.append(total)
+    return out
+
+
+def _ipc_receiver(handle, layout, conn) -> None:
+    """The other process of (e): open the handle (no copy), view the bucket, send back the checksums."""
+    import torch
+
+    from megatron_r1v3.rollout.ipc import open_handle, unpack_bucket
+
+    t0 = time.perf_counter()
+    buffer = open_handle(handle)
+    opened = time.perf_counter() - t0
+    sums = _checksums(unpack_bucket(buffer, layout))
+    torch.cuda.synchronize()
+    conn.send((sums, opened, str(buffer.device)))
+
+
+def ipc_section(chunks, report: Report) -> dict:
+    """(e) CUDA-IPC: pack every parameter (bf16) into one buffer, hand its handle to a spawned process, which must
+    see the same bytes. On CPU: the pack/unpack round trip, and the refusal of a CPU buffer."""
+    import multiprocessing as mp
+
+    import torch
+
+    from megatron_r1v3.rollout.ipc import pack_bucket, share_handle, unpack_bucket
+
+    params = [(n, p.detach().to(torch.bfloat16)) for chunk in chunks for n, p in chunk.named_parameters()]
+    _synchronize()
+    t0 = time.perf_counter()
+    buffer, layout = pack_bucket(params)
+    _synchronize()
+    pack_s = time.perf_counter() - t0
+    want = _checksums(params)
+    size = f"{len(params)} tensors, {layout.nbytes / 2**20:.1f} MiB, packed at {layout.nbytes / pack_s / 1e9:.1f} GB/s"
+    if not buffer.is_cuda:
+        roundtrip = _checksums(unpack_bucket(buffer, layout)) == want
+        try:
+            share_handle(buffer)
+            refused = False
+        except ValueError:
+            refused = True
+        report.row("ipc", f"CPU: {size}; round trip {'exact' if roundtrip else 'WRONG'}; a CPU buffer's handle "
+                   f"{'refused' if refused else 'NOT REFUSED'} (the IPC figures need a GPU)", skipped=True,
+                   roundtrip_ok=roundtrip, refused_cpu=refused)
+        return {"ok": roundtrip and refused}
+    ctx = mp.get_context("spawn")
+    mine, theirs = ctx.Pipe()
+    proc = ctx.Process(target=_ipc_receiver, args=(share_handle(buffer), layout, theirs))
+    t0 = time.perf_counter()
+    proc.start()
+    got = mine.recv() if mine.poll(300) else None
+    proc.join(30)
+    if got is None:
+        proc.kill()
+        report.row("ipc", f"FAILED: the receiving process sent nothing in 300 s (exit code {proc.exitcode})", ok=False)
+        return {"ok": False}
+    sums, opened_s, device = got
+    ok = sums == want
+    bad = [name for (name, _), a, b in zip(params, sums, want) if a != b]
+    verdict = "equal" if ok else f"DIFFER: {bad[:5]}"
+    report.row("ipc", f"{size}; opened in the other process ({device}) in {opened_s * 1e3:.1f} ms, whole exchange "
+               f"{time.perf_counter() - t0:.1f} s incl. its start; bytes {verdict}",
+               ok=ok, tensors=len(params), nbytes=layout.nbytes, pack_s=pack_s, open_s=opened_s, differ=bad)
+    return {"ok": ok}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/gpu_check")
@@ -241,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     grpo = grpo_section(cfg, args, state, ddp, optimizer, report)
     memory_section(cfg, args, sft_peak, report)
     fp8_section(args, report)
+    ipc = ipc_section(chunks, report)
     destroy_parallel()
-    ok = sft["loss_falls"] and grpo["update_ok"]
+    ok = sft["loss_falls"] and grpo["update_ok"] and ipc["ok"]
     report.row("result", "OK" if ok else "FAILED (see above)", ok=ok)
     return 0 if ok else 1
 
