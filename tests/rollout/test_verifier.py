@@ -34,8 +34,8 @@ def two_engines_worker(workdir: str) -> dict:
     calls_after_right = judge.calls
     wrong = r1v3_reward("ok</think>\\boxed{5}", "4", verifier=judge, question="2+2?")
     unboxed = r1v3_reward("ok</think> five", "4", verifier=judge)
-    # directly, not through ask_verifier (which counts a judge error as "no"): the chat prompt must encode to ids
-    # (with tokenize=True newer transformers return a BatchEncoding, and every judge call failed that way, unseen)
+    # directly too: the chat prompt must encode to ids (with tokenize=True newer transformers return a BatchEncoding,
+    # and every judge call failed that way, unseen while ask_verifier counted a judge error as "no")
     direct = judge.judge([("2+2?", "ok</think>\\boxed{5}", "4")])
     ids = judge.prompt_ids("2+2?", "ok</think>\\boxed{5}", "4")
     sample = policy.generate([(policy.tokenizer.encode("hello"), [])], n=1, max_tokens=4, seed=0)[0][0]
