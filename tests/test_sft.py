@@ -1,8 +1,8 @@
 """SFT trainer on the tiny VLM through real megatron-core (TP2, gloo): kill -9 resume bit for bit (at a fixed and at a
 random step), crash during a checkpoint save, bad samples that never stop the run; jobs that end cleanly: a finished
 run started again changes nothing, ranks end with a killed launcher, and unusable checkpoints stop every rank with
-an error naming the file. Learning and connector-only freezing: test_sft_learns.py (a file of its own, so that `make
-test`'s two workers can run it beside these)."""
+an error naming the file. Learning and connector-only freezing: test_sft_learns.py (independent of this module's
+shared reference run)."""
 
 import json
 import os
