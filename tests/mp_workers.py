@@ -232,6 +232,22 @@ def raise_on_rank1() -> None:
         raise ValueError("deliberate failure")
 
 
+def report_then_sleep(out_dir: str, seconds: float) -> None:
+    """Write this rank's pid, the launcher's `R1V3_TEST_MARK` and whether megatron-core was imported before the
+    target was (the forkserver's preload), then sleep."""
+    import json
+    import os
+    import sys
+    import time
+
+    preloaded = "megatron.core" in sys.modules
+    info = {"pid": os.getpid(), "mark": os.environ.get("R1V3_TEST_MARK"), "preloaded": preloaded}
+    with open(f"{out_dir}/rank{os.environ['RANK']}.json.tmp", "w") as f:
+        json.dump(info, f)
+    os.replace(f"{out_dir}/rank{os.environ['RANK']}.json.tmp", f"{out_dir}/rank{os.environ['RANK']}.json")
+    time.sleep(seconds)
+
+
 SGD = ["optimizer.name=sgd", "optimizer.lr=0.1", "optimizer.use_distributed_optimizer=false"]
 ADAM = ["optimizer.name=adam", "optimizer.lr=1e-3", "optimizer.use_distributed_optimizer=true"]
 

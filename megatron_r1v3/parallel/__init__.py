@@ -31,10 +31,14 @@ def setup_process() -> bool:
 
     from megatron_r1v3.parallel.cpu_shim import apply_cpu_shim
 
-    on_cpu = not torch.cuda.is_available()
-    for pattern in _BENIGN + (_CPU_ONLY if on_cpu else []):  # CPU: expected fallbacks, GPU-only advice
-        warnings.filterwarnings("ignore", message=pattern)
+    quiet_notices(on_cpu=not torch.cuda.is_available())
     return apply_cpu_shim()
+
+
+def quiet_notices(on_cpu: bool) -> None:
+    """Silence megatron-core's known benign notices (on CPU also its expected fallbacks and GPU-only advice)."""
+    for pattern in _BENIGN + (_CPU_ONLY if on_cpu else []):
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 _INIT_NAMES = ("ParallelState", "compute_device", "current_layout", "destroy_parallel", "init_parallel",
@@ -50,4 +54,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["setup_process", *_INIT_NAMES]
+__all__ = ["quiet_notices", "setup_process", *_INIT_NAMES]

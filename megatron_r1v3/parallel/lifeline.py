@@ -4,9 +4,9 @@ Why: torchrun starts every worker in a session of its own (so that it can kill a
 shutdown). When torchrun itself is killed with SIGKILL (the OOM killer, `kill -9`, a node agent), nobody does that:
 its workers are adopted by init and train on, holding memory, GPUs and the job's output pipes, and a requeued job
 starts next to them. The parent of a rank is its launcher: torchrun (the `r1v3` command re-executes itself as
-torchrun through `parallel/torchrun.py`, keeping its pid), the test launcher's process (`parallel/spawn.py`), or
-slurmstepd under srun (srun's own death is handled by Slurm, which kills the step; slurmstepd dying is the node
-agent's case).
+torchrun through `parallel/torchrun.py`, keeping its pid), the test launcher's forkserver (`parallel/spawn.py`; it
+exits with the launcher), or slurmstepd under srun (srun's own death is handled by Slurm, which kills the step;
+slurmstepd dying is the node agent's case).
 
 How: a daemon thread polls `os.getppid()`; once the parent is gone it SIGKILLs the rank's process group (under
 torchrun and the test launcher the rank leads one, holding the helpers it started: megatron dist_checkpointing's
