@@ -1,8 +1,8 @@
 """SFT trainer on the tiny VLM through real megatron-core (TP2, gloo): kill -9 resume bit for bit (at a fixed and at a
 random step), crash during a checkpoint save, bad samples that never stop the run; jobs that end cleanly: a finished
 run started again changes nothing, ranks end with a killed launcher, and unusable checkpoints stop every rank with
-an error naming the file. Learning and connector-only freezing: test_sft_learns.py (independent of this module's
-shared reference run)."""
+an error naming the file. Learning: tests/rollout/test_grpo.py::test_cold_start_sft_learns (the GRPO tests' start-up
+SFT); connector-only freezing: tests/test_recipes_38b.py (the 38B connector-only recipe at its PP2 layout)."""
 
 import json
 import os

@@ -30,7 +30,8 @@ FP32 = 1e-5
 def chain(tmp_path_factory) -> dict:
     """SFT then GRPO (2 steps, a checkpoint each) of tiny-qwen with the Qwen-layout tokenizer."""
     root = tmp_path_factory.mktemp("qwen")
-    model = qwen_model_overrides(qwen_tokenizer(root / "tok"))
+    tokenizer = qwen_tokenizer(root / "tok")
+    model = qwen_model_overrides(tokenizer)
     data = [f"data.toy_dir={root / 'toy'}", "data.toy_train=64", "data.toy_val=16", *model, *QUIET]
     run_to_end([*CLI, "sft", "examples/tiny_cpu_sft.yaml", f"output_dir={root / 'sft'}", *data, "train.steps=2",
                 "train.global_batch_size=4", "train.eval_every=0", "checkpoint.save_every=0",
@@ -40,11 +41,45 @@ def chain(tmp_path_factory) -> dict:
     run_to_end([*CLI, "rl", "examples/tiny_cpu_rl.yaml", f"output_dir={root / 'rl'}",
                 f"checkpoint.load={root / 'sft' / 'checkpoints'}", *rl, "train.steps=2", "checkpoint.save_every=1",
                 "rl.eval_every=0"])
-    return {"root": root, "rl_args": rl, "tokenizer": root / "tok"}
+    return {"root": root, "rl_args": rl, "tokenizer": tokenizer}
+
+
+def benchmark_from_toy(toy: Path, out: Path, n: int, long_at: int) -> list[dict]:
+    """The first `n` toy held-out records in the Hugging Face benchmark layout, written by pyarrow itself: the
+    question stem without its options, `options` a list (or null), the answer as the letter (even rows) or as the
+    option's text (odd rows), the image a `datasets` Image struct with the bytes embedded; plus one prompt over
+    rl.max_prompt_tokens=256 at position `long_at`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from megatron_r1v3.data.benchmark import render_question
+
+    rows = []
+    for k, line in enumerate((toy / "val.jsonl").read_text().splitlines()[:n]):
+        rec = json.loads(line)
+        options = rec["meta"].get("options")
+        stem = rec["question"].split("\nA. ")[0] if options else rec["question"]
+        assert render_question(stem, options) == rec["question"]  # the benchmark prompt is the toy prompt
+        answer = options["ABCD".index(rec["answer"])] if options and k % 2 else rec["answer"]
+        rows.append({"id": rec["id"], "question": stem, "options": options, "answer": answer,
+                     "image": {"bytes": (toy / rec["images"][0]).read_bytes(), "path": rec["images"][0]}})
+    rows.insert(long_at, {**rows[0], "id": "long-one", "question": "Describe the image in detail. " * 60})
+    schema = pa.schema([("id", pa.string()), ("question", pa.string()), ("options", pa.list_(pa.string())),
+                        ("answer", pa.string()), ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), out)
+    return rows
 
 
 def test_grpo_eval_and_selection_run_with_a_qwen_layout_tokenizer(chain):
-    """GRPO (2 steps, held-out eval at 0 and 2), `r1v3 eval` and `r1v3 select-checkpoint` with the real ids."""
+    """GRPO (2 steps, held-out eval at 0 and 2), `r1v3 eval` and `r1v3 select-checkpoint` with the real ids. The
+    eval reads a benchmark Parquet holding the run's 4 held-out prompts and one over-long prompt (`--limit 5`): the
+    same accuracy as the run's own final held-out evaluation, the long prompt skipped, counted and named, the
+    engine's prompt lengths (vLLM's expansion of the image placeholders) equal to ours; selection with
+    `--max-new-tokens 16` really samples at most 16 tokens."""
+    from megatron_r1v3.data.tokenizer import load_tokenizer
+    from megatron_r1v3.presets import load_config
+    from megatron_r1v3.rl.prompts import load_prompts, prompt_tokens
+
     root = chain["root"]
     rows = [json.loads(x) for x in (root / "rl" / "metrics.jsonl").read_text().splitlines()]
     train = {r["step"]: r for r in rows if r["group"] == "rl"}
@@ -56,18 +91,46 @@ def test_grpo_eval_and_selection_run_with_a_qwen_layout_tokenizer(chain):
     model_dir = root / "rl" / "vllm_model"  # what the engine served: the tokenizer now names its image tokens
     tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
     assert (tok_cfg["start_image_token"], tok_cfg["context_image_token"]) == ("<img>", "<IMG_CONTEXT>")
-    run_to_end([*CLI, "eval", "examples/tiny_cpu_rl.yaml", *chain["rl_args"], "--checkpoint",
-                str(root / "rl" / "checkpoints"), "--out", str(root / "eval")])
+
+    bench = root / "bench.parquet"
+    benchmark_from_toy(root / "toy", bench, 4, long_at=3)
+    out = run_to_end([*CLI, "eval", "examples/tiny_cpu_rl.yaml", *chain["rl_args"], "--checkpoint",
+                      str(root / "rl" / "checkpoints"), "--data", str(bench), "--limit", "5", "--out",
+                      str(root / "eval")])
     summary = json.loads((root / "eval" / "summary.json").read_text())
     assert summary["checkpoint"].endswith("step_00000002")
-    assert summary["accuracy"] == heldout[2]["accuracy"]  # same seeds and budget as the run's final evaluation
-    out = root / "select"
+    assert summary["accuracy"] == heldout[2]["accuracy"], out  # same prompts, seeds and budget as the run's
+    assert summary["prompts"] == 4 and summary["skipped_prompts"] == 1 and summary["max_new_tokens"] == 24
+    assert [(s["id"], s["source"]) for s in summary["skipped"]] == [("long-one", f"{bench}:3")]
+    assert summary["skipped"][0]["tokens"] > 256 and f"[eval] skipped long-one ({bench}:3)" in out, out
+    items = [json.loads(x) for x in
+             (root / "eval" / "items" / "step_00000002" / "step_000000.jsonl").read_text().splitlines()]
+    assert len(items) == 4 and all(len(x["responses"]) == 2 for x in items)
+    cfg = load_config("examples/tiny_cpu_rl.yaml", chain["rl_args"])
+    tok = load_tokenizer(chain["tokenizer"])
+    samples = [s for s in load_prompts([str(bench)], None, False) if s.id != "long-one"]
+    assert [x["id"] for x in items] == [s.id for s in samples]
+    ours = [prompt_tokens(s, tok, cfg.model, cfg.data.max_tiles) for s in samples]
+    assert [x["prompt_tokens"] for x in items] == ours  # vLLM's expanded prompt, token for token in length
+
+    sel_dir = root / "select"
     run_to_end([*CLI, "select-checkpoint", "examples/tiny_cpu_rl.yaml", *chain["rl_args"], "--checkpoints",
-                str(root / "rl" / "checkpoints"), "--out", str(out)])
-    sel = json.loads((out / "selection.json").read_text())
+                str(root / "rl" / "checkpoints"), "--max-new-tokens", "16", "--words", "is,so", "--out",
+                str(sel_dir)])
+    sel = json.loads((sel_dir / "selection.json").read_text())
     assert sorted(Path(r["checkpoint"]).name for r in sel["ranking"]) == ["step_00000001", "step_00000002"]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in sel["ranking"])
-    assert (out / "best").read_text().strip() == sel["best"]
+    ent = [r["critical_entropy"] for r in sel["ranking"] if r["critical_entropy"] == r["critical_entropy"]]
+    assert ent == sorted(ent, reverse=True) and sel["best"] == sel["ranking"][0]["checkpoint"]
+    assert (sel_dir / "best").read_text().strip() == sel["best"]
+    print(f"response length at the 24-token budget {summary['response_length']:.1f}; at 16: "
+          + ", ".join(f"{r['response_length']:.1f} (truncated {r['truncated']:.0%})" for r in sel["ranking"]))
+    assert summary["response_length"] > 16  # the budget below is what limits
+    for r in sel["ranking"]:
+        assert r["max_new_tokens"] == 16 and r["response_length"] <= 16 and r["truncated"] > 0
+        lengths = [n for line in (sel_dir / "items" / Path(r["checkpoint"]).name / "step_000000.jsonl")
+                   .read_text().splitlines() for n in json.loads(line)["response_tokens"]]
+        assert len(lengths) == 8 and max(lengths) <= 16
 
 
 def megatron_reference(megatron_dir: str, hf_dir: str, inputs: str, items: list[dict], max_new_tokens: int,
