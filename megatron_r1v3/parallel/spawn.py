@@ -6,9 +6,9 @@ its traceback; a rank that dies without a word is reported with its exit code an
 process does (`lifeline.py`), e.g. when CI kills the test run.
 
 Ranks are forked from multiprocessing's forkserver, which imports what every rank imports (`parallel/preload.py`:
-torch, and on CPU the shim and megatron-core) once per launching process: on the 2-core box a 4-rank launch is
-ready in 0.1 s instead of 9 s of imports (`spawn` where the platform has no forkserver). Each rank starts from the
-launcher's environment at the call, as a spawned one would.
+torch, and on CPU the shim, megatron-core and vLLM where installed) once per launching process: on the 2-core box a
+4-rank launch is ready in 0.1 s instead of 9 s of imports (`spawn` where the platform has no forkserver). Each
+rank starts from the launcher's environment at the call, as a spawned one would.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -74,6 +75,9 @@ def _worker(target, rank, world, port, phase_dir, env, results, kwargs) -> None:
     os.setpgrp()  # own process group: the launcher can kill helpers this rank spawns (dist_checkpointing's)
     os.environ.clear()  # the launcher's environment at the call (the forkserver's is from its first launch)
     os.environ.update(env)
+    preloaded = sys.modules.get(PRELOAD)  # + what the preloaded imports set, unless the launcher set it
+    for key, value in getattr(preloaded, "IMPORT_ENV", {}).items():
+        os.environ.setdefault(key, value)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port), R1V3_PHASE_FILE=str(Path(phase_dir) / f"rank{rank}"),
