@@ -12,6 +12,8 @@ from megatron_r1v3.parallel.env import free_port
 from megatron_r1v3.parallel.spawn import DistributedFailure, run_distributed
 from megatron_r1v3.parallel.wait import RankLost, _wait_done
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timing]
+
 TIMEOUT_S = 5.0
 
 

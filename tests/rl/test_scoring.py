@@ -26,6 +26,7 @@ def test_honest_answers_score_as_the_rule_check():
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
+@pytest.mark.timing
 def test_hostile_answer_scores_zero_with_its_reason(case):
     response, reason = HOSTILE[case]
     t0 = time.perf_counter()
@@ -35,6 +36,7 @@ def test_hostile_answer_scores_zero_with_its_reason(case):
     assert len("1+" * 50000) > MAX_ANSWER_CHARS
 
 
+@pytest.mark.timing
 def test_pool_scores_a_batch_in_order_and_counts_reasons():
     responses = [OK, HOSTILE["nul"][0], OK, HOSTILE["power_tower"][0], HOSTILE["huge_box"][0], OK]
     answers = ["0.5", "0.5", "7", "1", "1", "\\frac{2}{4}"]
@@ -49,6 +51,7 @@ def test_pool_scores_a_batch_in_order_and_counts_reasons():
         scorer.close()
 
 
+@pytest.mark.timing
 def test_a_worker_past_the_batch_deadline_is_killed_and_the_pool_rebuilt():
     """No in-worker limit (timeout_s=0: math-verify's own 5 s timer runs) and a 1 s batch deadline: the stuck
     worker is killed, its item scores 0 as "timeout", and the next batch runs on a fresh pool."""
