@@ -56,17 +56,17 @@ slurm-deps:
 	else echo "slurm-deps: not root or no apt-get: the Slurm tests will be skipped"; fi
 
 # tests/rollout runs only in the vLLM venv, so R1V3_REQUIRE=vllm (.ci/run) is enforced there and the main venv's
-# run has no vLLM-only test to skip. Two lanes share the 2 cores: the main venv's in-process tests (one core, no
-# wall-clock limits; their output follows the vLLM venv's) beside the vLLM venv's tests, then the main venv's
-# multi-process and deadline tests on their own (markers `multiprocess`, `timing`: pyproject.toml).
-UNIT_LOG ?= .pytest-unit-lane.log
+# run has no vLLM-only test to skip. Two lanes share the 2 cores: the main venv's tests (in-process and multi-process;
+# its output follows the vLLM venv's) beside the vLLM venv's tests, then the tests that assert on a wall-clock limit
+# (marker `timing`: a deadline, a timeout; pyproject.toml) on their own, so contention can never fail them.
+LANE_LOG ?= .pytest-main-lane.log
 test: $(STAMP) slurm-deps $(VLLM_STAMP)
-	@$(PY) -m pytest -q -p no:cacheprovider --ignore=tests/rollout -m "not multiprocess and not timing" \
-		> $(UNIT_LOG) 2>&1 & unit=$$!; \
+	@$(PY) -m pytest -q -p no:cacheprovider --ignore=tests/rollout -m "not timing" > $(LANE_LOG) 2>&1 & lane=$$!; \
 	$(VLLM_PY) -m pytest -q tests/rollout; vllm=$$?; \
-	wait $$unit; lane=$$?; echo "[make test] the main venv's in-process tests:"; cat $(UNIT_LOG); \
-	$(PY) -m pytest -q --ignore=tests/rollout -m "multiprocess or timing"; main=$$?; \
-	test $$vllm = 0 && test $$lane = 0 && test $$main = 0
+	wait $$lane; main=$$?; echo "[make test] the main venv's tests (beside the vLLM venv's):"; cat $(LANE_LOG); \
+	echo "[make test] the tests that assert on a wall-clock limit, on their own:"; \
+	$(PY) -m pytest -q --ignore=tests/rollout -m timing; timing=$$?; \
+	test $$vllm = 0 && test $$main = 0 && test $$timing = 0
 
 # The whole R1V3 recipe on the tiny VLM and the embedded toy task (colour / shape questions), CPU only, one
 # command, through the real CLI (tools/demo.py lists the stages): captioning pretraining (the tiny model learns to
